@@ -72,7 +72,7 @@ class BatchNorm(nn.Module):
 
 
 def group_width(planes: int, base_width: int) -> int:
-    """Width d of one group in a stage with `planes` planes: floor(planes * d / 64) (timm's rule)."""
+    """Width of one group at `planes` planes: floor(planes * d / 64), timm's rule."""
     return planes * base_width // 64
 
 

@@ -28,14 +28,37 @@ BLOCKS = ("auto", "basic", "bottleneck")
 
 # Small stand-ins for tests and examples; the leading underscore marks them as not the paper's.
 TINY_VARIANTS = {
-    "_tiny_basic": dict(block="basic", stage_sizes=(1, 1), depth=6, stem="cifar", stem_width=8,
-                        planes=8, num_classes=10),
-    "_tiny_bottleneck": dict(stage_sizes=(1, 1), depth=8, stem="cifar", stem_width=8, planes=8,
-                             num_classes=10),
-    "_tiny_resnext": dict(stage_sizes=(1, 1), depth=8, stem="cifar", stem_width=8, planes=8,
-                          cardinality=4, base_width=16, num_classes=10),
-    "_tiny_imagenet_resnext": dict(stage_sizes=(1, 1, 1, 1), depth=14, stem_width=8, planes=8,
-                                   cardinality=4, base_width=16, num_classes=10),
+    "_tiny_basic": dict(
+        block="basic",
+        stage_sizes=(1, 1),
+        depth=6,
+        stem="cifar",
+        stem_width=8,
+        planes=8,
+        num_classes=10,
+    ),
+    "_tiny_bottleneck": dict(
+        stage_sizes=(1, 1), depth=8, stem="cifar", stem_width=8, planes=8, num_classes=10
+    ),
+    "_tiny_resnext": dict(
+        stage_sizes=(1, 1),
+        depth=8,
+        stem="cifar",
+        stem_width=8,
+        planes=8,
+        cardinality=4,
+        base_width=16,
+        num_classes=10,
+    ),
+    "_tiny_imagenet_resnext": dict(
+        stage_sizes=(1, 1, 1, 1),
+        depth=14,
+        stem_width=8,
+        planes=8,
+        cardinality=4,
+        base_width=16,
+        num_classes=10,
+    ),
 }
 
 # Every network the paper reports, by the names torchvision and timm use.
@@ -107,6 +130,11 @@ def _parse_name(name: str) -> dict:
         elif m[1] == "resnext":
             raise ValueError(f"{name}: a ResNeXt name needs its setting, e.g. resnext50_32x4d")
         if depth not in IMAGENET_STAGES:
+            if (depth - 2) % 9 or depth < 11:
+                raise ValueError(
+                    f"{name}: depth {depth} is neither an ImageNet ResNet depth "
+                    f"{sorted(IMAGENET_STAGES)} nor a CIFAR ResNeXt depth 9n+2 (11, 20, 29, ...)"
+                )
             fields.update(stem="cifar", num_classes=10)
         return fields
     raise ValueError(

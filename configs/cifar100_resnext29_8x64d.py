@@ -1,0 +1,10 @@
+"""ResNeXt-29 (8x64d) on CIFAR-100: 17.77% test error in Table 7 of the paper.
+
+python scripts/train.py --config=configs/cifar100_resnext29_8x64d.py
+"""
+
+from configs import cifar
+
+
+def get_config():
+    return cifar.get_config("model=resnext29_8x64d,dataset=cifar100")

@@ -1,0 +1,10 @@
+"""ResNet-50 (1x64d) on ImageNet: 23.9% top-1 error in Table 3 of the paper.
+
+python scripts/train.py --config=configs/resnet50.py
+"""
+
+from configs import table3
+
+
+def get_config():
+    return table3.get_config("depth=50,cw=1x64d")

@@ -1,0 +1,10 @@
+"""ResNeXt-101 (2x40d) on ImageNet: 21.7% top-1 error in Table 3 of the paper.
+
+python scripts/train.py --config=configs/resnext101_2x40d.py
+"""
+
+from configs import table3
+
+
+def get_config():
+    return table3.get_config("depth=101,cw=2x40d")

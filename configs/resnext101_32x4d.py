@@ -1,0 +1,10 @@
+"""ResNeXt-101 (32x4d) on ImageNet: 21.2% top-1 error in Table 3 of the paper.
+
+python scripts/train.py --config=configs/resnext101_32x4d.py
+"""
+
+from configs import table3
+
+
+def get_config():
+    return table3.get_config("depth=101,cw=32x4d")

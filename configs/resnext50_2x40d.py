@@ -1,0 +1,10 @@
+"""ResNeXt-50 (2x40d) on ImageNet: 23.0% top-1 error in Table 3 of the paper.
+
+python scripts/train.py --config=configs/resnext50_2x40d.py
+"""
+
+from configs import table3
+
+
+def get_config():
+    return table3.get_config("depth=50,cw=2x40d")

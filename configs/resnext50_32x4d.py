@@ -1,0 +1,10 @@
+"""ResNeXt-50 (32x4d) on ImageNet: 22.2% top-1 error in Table 3 of the paper.
+
+python scripts/train.py --config=configs/resnext50_32x4d.py
+"""
+
+from configs import table3
+
+
+def get_config():
+    return table3.get_config("depth=50,cw=32x4d")

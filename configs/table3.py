@@ -1,0 +1,31 @@
+"""Table 3 of the paper: cardinality x bottleneck width at preserved complexity.
+
+    python scripts/train.py --config=configs/table3.py:depth=101,cw=8x14d
+
+Keys: depth (50 or 101) and cw (1x64d, 2x40d, 4x24d, 8x14d, 32x4d); `get_sweep()` lists
+all ten settings. The paper's top-1 errors (ImageNet val, 224 crop):
+
+    depth   1x64d  2x40d  4x24d  8x14d  32x4d
+    50      23.9   23.0   22.6   22.3   22.2
+    101     22.0   21.7   21.4   21.3   21.2
+"""
+
+from configs import default
+from resnext_jax import config_utils, variants
+
+DEPTHS = (50, 101)
+SETTINGS = ("1x64d", "2x40d", "4x24d", "8x14d", "32x4d")
+
+
+def get_config(arg="depth=50,cw=32x4d"):
+    args = config_utils.parse_family_args(
+        arg, allowed={"depth": DEPTHS, "cw": SETTINGS}, defaults={"depth": 50, "cw": "32x4d"}
+    )
+    config = default.get_config()
+    config.model = variants.model_config(f"resnext{args['depth']}_{args['cw']}")
+    return config
+
+
+def get_sweep():
+    """Every setting of Table 3, as config arguments."""
+    return [f"depth={depth},cw={cw}" for depth in DEPTHS for cw in SETTINGS]

@@ -6,6 +6,7 @@ which implementation trained it.
 """
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import flax.linen as nn
@@ -18,25 +19,185 @@ he_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 
+def _pads(padding):
+    return ((padding, padding), (padding, padding))
+
+
 def _xla(x, kernel, strides, padding, groups):
     """XLA's native grouped convolution (`feature_group_count`)."""
+    return _native_conv(x, kernel, strides, _pads(padding), groups)
+
+
+def _native_conv(x, kernel, strides, pads, groups):
     return jax.lax.conv_general_dilated(
         x,
         kernel,
         window_strides=(strides, strides),
-        padding=((padding, padding), (padding, padding)),
+        padding=pads,
         dimension_numbers=_DIMENSION_NUMBERS,
         feature_group_count=groups,
     )
 
 
-IMPLS: dict[str, Callable] = {"xla": _xla}
+def _block_diagonal(kernel, groups):
+    """The dense `(kh, kw, in, out)` kernel equal to a grouped one: zeros off the diagonal."""
+    kh, kw, group_in, out = kernel.shape
+    blocks = kernel.reshape(kh, kw, 1, group_in, groups, out // groups)
+    mask = jnp.eye(groups, dtype=kernel.dtype).reshape(1, 1, groups, 1, groups, 1)
+    return (blocks * mask).reshape(kh, kw, groups * group_in, out)
+
+
+def _dense(x, kernel, strides, padding, groups):
+    """One dense conv with the block-diagonal kernel: `groups` times the FLOPs, dense speed."""
+    return _native_conv(x, _block_diagonal(kernel, groups), strides, _pads(padding), 1)
+
+
+def _taps(x, kh, kw, strides, pads):
+    """The kh*kw strided windows of padded NHWC `x`, one per kernel tap, row-major."""
+    (top, bottom), (left, right) = pads
+    x = jax.lax.pad(
+        x, jnp.zeros((), x.dtype), ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0))
+    )
+    n, h, w, c = x.shape
+    ho, wo = (h - kh) // strides + 1, (w - kw) // strides + 1
+    return [
+        jax.lax.slice(
+            x,
+            (0, a, b, 0),
+            (n, a + strides * (ho - 1) + 1, b + strides * (wo - 1) + 1, c),
+            (1, strides, strides, 1),
+        )
+        for a in range(kh)
+        for b in range(kw)
+    ]
+
+
+def _shift_forward(x, kernel, strides, pads, groups):
+    """Sum over taps and in-group channels of a shifted input channel times a weight row.
+
+    Written as kh*kw*(in/groups) broadcast multiply-adds, which XLA fuses into one loop over
+    the output: no im2col buffer and no tiny matmuls, so it suits narrow groups.
+    """
+    kh, kw, group_in, out = kernel.shape
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    w = kernel.astype(acc).reshape(kh * kw, group_in, groups, out // groups)
+    y = None
+    for t, xt in enumerate(_taps(x, kh, kw, strides, pads)):
+        xt = xt.astype(acc).reshape(*xt.shape[:3], groups, 1, group_in)
+        for i in range(group_in):
+            term = xt[..., i] * w[t, i]
+            y = term if y is None else y + term
+    return y.reshape(*y.shape[:3], out).astype(x.dtype)
+
+
+def _matmul_forward(x, kernel, strides, pads, groups):
+    """im2col in group-major order, then one batched matmul over the groups."""
+    kh, kw, group_in, out = kernel.shape
+    taps = _taps(x, kh, kw, strides, pads)
+    n, ho, wo, _ = taps[0].shape
+    patches = jnp.stack(taps, axis=3).reshape(n * ho * wo, kh * kw, groups, group_in)
+    patches = patches.transpose(2, 0, 1, 3).reshape(groups, n * ho * wo, kh * kw * group_in)
+    w = kernel.reshape(kh * kw, group_in, groups, out // groups).transpose(2, 0, 1, 3)
+    w = w.reshape(groups, kh * kw * group_in, out // groups)
+    y = jax.lax.dot_general(
+        patches, w, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32
+    )
+    return y.transpose(1, 0, 2).reshape(n, ho, wo, out).astype(x.dtype)
+
+
+def _input_grad(forward, dy, kernel, x_shape, strides, padding, groups):
+    """The transposed conv: `forward` on the stride-dilated `dy` with the flipped kernel."""
+    kh, kw, group_in, out = kernel.shape
+    flipped = kernel.reshape(kh, kw, group_in, groups, out // groups)[::-1, ::-1]
+    flipped = flipped.transpose(0, 1, 4, 3, 2).reshape(kh, kw, out // groups, groups * group_in)
+    _, h, w, _ = x_shape
+    _, ho, wo, _ = dy.shape
+    # Negative high padding crops the rows that a stride never reached.
+    dilated = jax.lax.pad(
+        dy,
+        jnp.zeros((), dy.dtype),
+        (
+            (0, 0, 0),
+            (kh - 1 - padding, h - 1 + padding - strides * (ho - 1), strides - 1),
+            (kw - 1 - padding, w - 1 + padding - strides * (wo - 1), strides - 1),
+            (0, 0, 0),
+        ),
+    )
+    return forward(dilated, flipped, 1, ((0, 0), (0, 0)), groups)
+
+
+def _weight_grad(x, dy, kernel_shape, strides, padding, groups):
+    """The kernel gradient as one native conv that contracts over images and positions.
+
+    Images become the feature axis and the output map the window, so `feature_group_count`
+    splits the contraction by group: XLA runs this far faster than the `batch_group_count`
+    conv that autodiff of `_xla` emits (about 40x at ResNeXt-50's first stage).
+    """
+    kh, kw, group_in, out = kernel_shape
+    n, h, w, _ = x.shape
+    _, ho, wo, _ = dy.shape
+    lhs = x.reshape(n, h, w, groups, group_in).transpose(4, 1, 2, 3, 0)
+    lhs = lhs.reshape(group_in, h, w, groups * n)
+    rhs = dy.reshape(n, ho, wo, groups, out // groups).transpose(1, 2, 0, 3, 4)
+    rhs = rhs.reshape(ho, wo, n, out)
+    grad = jax.lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides=(1, 1),
+        padding=(
+            (padding, kh + strides * (ho - 1) - h - padding),
+            (padding, kw + strides * (wo - 1) - w - padding),
+        ),
+        rhs_dilation=(strides, strides),
+        dimension_numbers=_DIMENSION_NUMBERS,
+        feature_group_count=groups,
+        preferred_element_type=jnp.float32,
+    )
+    return grad.transpose(1, 2, 0, 3)
+
+
+def _with_fast_grads(forward):
+    """An impl running `forward`, its transpose for the input grad, and `_weight_grad`."""
+
+    @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+    def conv(x, kernel, strides, padding, groups):
+        return forward(x, kernel, strides, _pads(padding), groups)
+
+    def conv_fwd(x, kernel, strides, padding, groups):
+        return conv(x, kernel, strides, padding, groups), (x, kernel)
+
+    def conv_bwd(strides, padding, groups, residuals, dy):
+        x, kernel = residuals
+        dx = _input_grad(forward, dy, kernel, x.shape, strides, padding, groups)
+        dw = _weight_grad(x, dy, kernel.shape, strides, padding, groups)
+        return dx.astype(x.dtype), dw.astype(kernel.dtype)
+
+    conv.defvjp(conv_fwd, conv_bwd)
+    return conv
+
+
+IMPLS: dict[str, Callable] = {
+    "xla": _xla,
+    "dense": _dense,
+    "shift": _with_fast_grads(_shift_forward),
+    "matmul": lambda x, k, s, p, g: _matmul_forward(x, k, s, _pads(p), g),
+    "xla_wgrad": _with_fast_grads(_native_conv),
+}
 
 
 def select_impl(x_shape, kernel_shape, strides, groups, backend=None) -> str:
-    """The implementation `auto` picks for this shape on this backend."""
-    del x_shape, kernel_shape, strides, groups, backend
-    return "xla"
+    """The implementation `auto` picks for this shape on this backend.
+
+    The rules come from scripts/bench_grouped_conv.py on a 2-core x86 CPU (docs/benchmarks.md).
+    Off CPU there is no measurement yet, so XLA's native grouped conv stays the default.
+    """
+    del x_shape, strides
+    backend = backend or jax.default_backend()
+    if groups == 1 or backend != "cpu":
+        return "xla"
+    if kernel_shape[2] <= 8:  # narrow groups: fused multiply-adds beat tiny matmuls
+        return "shift"
+    return "xla_wgrad"
 
 
 def conv2d(x, kernel, *, strides=1, padding=0, groups=1, impl="auto"):

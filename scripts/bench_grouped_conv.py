@@ -1,0 +1,155 @@
+"""Time each grouped-conv implementation and print a markdown table.
+
+    python scripts/bench_grouped_conv.py --shapes resnext50 --impls shift,matmul,dense
+    python scripts/bench_grouped_conv.py --shapes 16x56x56x128:g32:k3:s1 --parts
+
+A shape is NxHxWxWIDTH:gGROUPS[:kK][:sSTRIDE] (a WIDTH->WIDTH conv, padding K//2). Every
+row is timed interleaved with the dense (groups=1) conv of the same width, in one process,
+and the ratio is to that dense conv's time; the last line says which impl `auto` picks.
+"""
+
+import argparse
+import statistics
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from resnext_jax import grouped_conv
+
+# The 3x3 grouped convs of ResNeXt-50 32x4d at batch 16, 224 px: stage by stage, the
+# stride-2 conv is the first block's of stages 2-4.
+RESNEXT50 = (
+    "16x56x56x128:g32:s1",
+    "16x56x56x256:g32:s2",
+    "16x28x28x256:g32:s1",
+    "16x28x28x512:g32:s2",
+    "16x14x14x512:g32:s1",
+    "16x14x14x1024:g32:s2",
+    "16x7x7x1024:g32:s1",
+)
+# Fashion-MNIST / CIFAR-sized ResNeXts at batch 128, and the depthwise extreme.
+SMALL = (
+    "128x28x28x64:g8:s1",
+    "128x28x28x128:g8:s2",
+    "128x14x14x128:g8:s1",
+    "128x7x7x256:g8:s1",
+    "128x32x32x32:g4:s1",
+    "128x32x32x128:g32:s1",
+    "128x16x16x256:g16:s1",
+    "128x32x32x64:g2:s1",
+    "128x32x32x64:g64:s1",
+)
+SHAPE_SETS = {"resnext50": RESNEXT50, "small": SMALL}
+
+
+def parse_shape(spec):
+    """(x_shape, kernel_size, strides, groups) from NxHxWxWIDTH:gG[:kK][:sS]."""
+    dims, *opts = spec.split(":")
+    fields = {"g": 1, "k": 3, "s": 1}
+    for opt in opts:
+        if opt[:1] not in fields:
+            raise ValueError(f"bad shape option {opt!r} in {spec!r}; use gN, kN or sN")
+        fields[opt[0]] = int(opt[1:])
+    x_shape = tuple(int(d) for d in dims.split("x"))
+    if len(x_shape) != 4:
+        raise ValueError(f"bad shape {spec!r}: want NxHxWxWIDTH")
+    return x_shape, fields["k"], fields["s"], fields["g"]
+
+
+def build(impl, x_shape, k, strides, groups, dtype):
+    """Jitted fwd, input grad, kernel grad, and fwd+bwd of one conv, with their arguments."""
+    width = x_shape[-1]
+    x = jax.random.normal(jax.random.key(0), x_shape, dtype)
+    kernel = jax.random.normal(jax.random.key(1), (k, k, width // groups, width), dtype) * 0.05
+    fwd = jax.jit(
+        lambda x, w: grouped_conv.conv2d(
+            x, w, strides=strides, padding=k // 2, groups=groups, impl=impl
+        )
+    )
+    # A random cotangent passed as an argument: a constant one lets XLA fold the backward.
+    dy = jax.random.normal(jax.random.key(2), jax.eval_shape(fwd, x, kernel).shape, dtype)
+
+    def vjp(x, w, dy, argnums, with_output=False):
+        y, pullback = jax.vjp(fwd, x, w)
+        grads = tuple(pullback(dy)[i] for i in argnums)  # XLA drops what is not returned
+        return (y, *grads) if with_output else grads
+
+    fns = {
+        "fwd": lambda x, w, dy: fwd(x, w),
+        "dx": jax.jit(partial(vjp, argnums=(0,))),
+        "dw": jax.jit(partial(vjp, argnums=(1,))),
+        "fwd+bwd": jax.jit(partial(vjp, argnums=(0, 1), with_output=True)),
+    }
+    return fns, (x, kernel, dy)
+
+
+def bench_shape(spec, impls, parts, reps, dtype):
+    x_shape, k, strides, groups = parse_shape(spec)
+    modes = ["fwd", "dx", "dw", "fwd+bwd"] if parts else ["fwd", "fwd+bwd"]
+    runs = {"dense C=1": build("xla", x_shape, k, strides, 1, dtype)}
+    runs.update({impl: build(impl, x_shape, k, strides, groups, dtype) for impl in impls})
+    for fns, args in runs.values():  # compile and warm up
+        for mode in modes:
+            jax.block_until_ready(fns[mode](*args))
+    times = {(name, mode): [] for name in runs for mode in modes}
+    for _ in range(reps):  # interleaved, so load from other processes hits every row alike
+        for name, (fns, args) in runs.items():
+            for mode in modes:
+                start = time.perf_counter()
+                jax.block_until_ready(fns[mode](*args))
+                times[name, mode].append(time.perf_counter() - start)
+    ms = {key: 1e3 * statistics.median(v) for key, v in times.items()}
+    auto = grouped_conv.select_impl(
+        x_shape, (k, k, x_shape[-1] // groups, x_shape[-1]), strides, groups
+    )
+    rows = []
+    for name in runs:
+        cells = [f"{ms[name, m]:.1f}" for m in modes]
+        ratio = ms[name, "fwd+bwd"] / ms["dense C=1", "fwd+bwd"]
+        mark = " (auto)" if name == auto else ""
+        rows.append(f"| {spec} | {name}{mark} | " + " | ".join(cells) + f" | {ratio:.2f} |")
+    return modes, rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--shapes",
+        default="resnext50",
+        help=f"comma-separated shape specs or sets {sorted(SHAPE_SETS)}",
+    )
+    parser.add_argument(
+        "--impls", default=",".join(grouped_conv.IMPLS), help="comma-separated IMPLS keys"
+    )
+    parser.add_argument(
+        "--parts",
+        action="store_true",
+        help="also time the input grad (dx) and kernel grad (dw) alone",
+    )
+    parser.add_argument("--reps", type=int, default=5, help="timed runs per cell (median)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = parser.parse_args()
+
+    specs = []
+    for item in args.shapes.split(","):
+        specs.extend(SHAPE_SETS.get(item, (item,)))
+    impls = args.impls.split(",")
+    unknown = [i for i in impls if i not in grouped_conv.IMPLS]
+    if unknown:
+        parser.error(f"unknown impls {unknown}; choose from {list(grouped_conv.IMPLS)}")
+
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, {args.dtype}, ms (median)")
+    header = None
+    for spec in specs:
+        modes, rows = bench_shape(spec, impls, args.parts, args.reps, jnp.dtype(args.dtype))
+        if header is None:
+            header = ["shape", "impl", *(f"{m} ms" for m in modes), "fwd+bwd / dense C=1"]
+            print("| " + " | ".join(header) + " |")
+            print("|" + "---|" * len(header))
+        print("\n".join(rows), flush=True)
+
+
+if __name__ == "__main__":
+    main()

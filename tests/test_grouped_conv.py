@@ -1,0 +1,92 @@
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnext_jax import grouped_conv
+from resnext_jax.grouped_conv import IMPLS, Conv, conv2d, select_impl
+
+# (width_in, width_out, groups): dense, two and four groups, unequal in/out, depthwise.
+GROUPINGS = [(8, 8, 1), (8, 8, 2), (8, 16, 4), (12, 12, 12)]
+
+
+@partial(jax.jit, static_argnums=(0, 3, 4))
+def _loss_and_grads(impl, x, kernel, strides, groups):
+    def loss(x, kernel):
+        y = conv2d(
+            x, kernel, strides=strides, padding=kernel.shape[0] // 2, groups=groups, impl=impl
+        )
+        return jnp.sum(jnp.sin(y)), y  # sin: a cotangent that differs at every position
+
+    (_, y), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, kernel)
+    return y, *grads
+
+
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "xla"])
+@pytest.mark.parametrize("k,strides", [(1, 1), (1, 2), (3, 1), (3, 2)])
+@pytest.mark.parametrize("width_in,width_out,groups", GROUPINGS)
+def test_impl_matches_xla(impl, k, strides, width_in, width_out, groups):
+    x = jax.random.normal(jax.random.key(0), (2, 7, 9, width_in))  # odd, unequal H and W
+    kernel = jax.random.normal(jax.random.key(1), (k, k, width_in // groups, width_out))
+    expected = _loss_and_grads("xla", x, kernel, strides, groups)
+    got = _loss_and_grads(impl, x, kernel, strides, groups)
+    for name, e, g in zip(("output", "input grad", "kernel grad"), expected, got, strict=True):
+        assert g.shape == e.shape and g.dtype == e.dtype, name
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(e))))
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_impl_runs_7x7_and_bfloat16(impl):
+    x = jax.random.normal(jax.random.key(0), (2, 11, 11, 8), jnp.bfloat16)
+    kernel = jax.random.normal(jax.random.key(1), (7, 7, 2, 8), jnp.bfloat16)
+    y, dx, dw = _loss_and_grads(impl, x, kernel, 2, 4)
+    ref = _loss_and_grads("xla", x.astype(jnp.float32), kernel.astype(jnp.float32), 2, 4)
+    assert (y.dtype, dx.dtype, dw.dtype) == (jnp.bfloat16,) * 3
+    for got, e in zip((y, dx, dw), ref, strict=True):
+        np.testing.assert_allclose(
+            got.astype(jnp.float32), e, atol=0.05 * float(jnp.max(jnp.abs(e)))
+        )
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
+@pytest.mark.parametrize(
+    "x_shape,groups,strides",
+    [((16, 56, 56, 128), 1, 1), ((16, 56, 56, 128), 32, 1), ((16, 14, 14, 1024), 32, 2),
+     ((128, 28, 28, 64), 8, 1), ((128, 32, 32, 64), 64, 1), ((128, 32, 32, 64), 2, 1)],
+)  # fmt: skip
+def test_select_impl_picks_a_known_impl(x_shape, groups, strides, backend):
+    width = x_shape[-1]
+    choice = select_impl(x_shape, (3, 3, width // groups, width), strides, groups, backend)
+    assert choice in IMPLS
+    if groups == 1 or backend != "cpu":
+        assert choice == "xla"
+
+
+def test_conv_module_kernel_is_hwio_for_every_impl():
+    x = jnp.zeros((1, 8, 8, 16))
+    shapes = {
+        jax.eval_shape(Conv(32, 3, groups=4, impl=impl).init, jax.random.key(0), x)["params"][
+            "kernel"
+        ].shape
+        for impl in [*IMPLS, "auto"]
+    }
+    assert shapes == {(3, 3, 4, 32)}
+
+
+@pytest.mark.parametrize("features,groups", [(32, 3), (30, 4)])
+def test_conv_module_rejects_groups_that_do_not_divide(features, groups):
+    with pytest.raises(ValueError, match="groups must divide"):
+        Conv(features, 3, groups=groups).init(jax.random.key(0), jnp.zeros((1, 8, 8, 16)))
+
+
+def test_unknown_impl_is_an_error():
+    with pytest.raises(ValueError, match="unknown conv impl"):
+        conv2d(jnp.zeros((1, 4, 4, 4)), jnp.zeros((1, 1, 4, 4)), impl="nope")
+
+
+def test_block_diagonal_kernel_is_zero_off_the_groups():
+    kernel = jnp.ones((1, 1, 2, 6))
+    dense = grouped_conv._block_diagonal(kernel, 3)[0, 0]
+    np.testing.assert_array_equal(dense, np.kron(np.eye(3), np.ones((2, 2))))

@@ -42,6 +42,7 @@ def get_config():
     config.label_smoothing = 0.0
     config.grad_clip_norm = 0.0  # 0: no clipping
 
+    config.init_from = ""  # a variables checkpoint to fine-tune from (new head if needed)
     config.seed = 0
     config.log_every_steps = 100
     config.eval_every_epochs = 1

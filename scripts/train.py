@@ -1,0 +1,46 @@
+"""Train and evaluate a model: `python scripts/train.py --config=configs/X.py [--workdir=DIR]`.
+
+Without --workdir the run goes to workdirs/<config name>[_<config args>]. Rerunning the same
+command resumes from the latest checkpoint there. `--config.field=value` overrides any field.
+"""
+
+import re
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "training config file", lock_config=True)
+flags.DEFINE_string("workdir", None, "work directory (default: workdirs/<config name>)")
+flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-process runs)")
+flags.mark_flags_as_required(["config"])
+FLAGS = flags.FLAGS
+
+
+def default_workdir(config_spec: str) -> str:
+    """workdirs/table3_depth-101_cw-8x14d for configs/table3.py:depth=101,cw=8x14d."""
+    path, _, args = config_spec.partition(":")
+    stem = re.sub(r"\.py$", "", path.rsplit("/", 1)[-1])
+    suffix = re.sub(r"[^A-Za-z0-9.]+", "-", args.replace(",", "_").replace("=", "-"))
+    return f"workdirs/{stem}_{suffix}" if args else f"workdirs/{stem}"
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # progress lines are printed; keep Orbax quiet
+    import jax
+
+    if FLAGS.distributed:
+        jax.distributed.initialize()
+    from resnext_jax import train
+
+    workdir = FLAGS.workdir or default_workdir(flags.FLAGS["config"].config_filename)
+    try:
+        train.train_and_evaluate(FLAGS.config, workdir)
+    except (train.NonFiniteLossError, ValueError, FileNotFoundError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main)

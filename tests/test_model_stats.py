@@ -13,7 +13,7 @@ def _run(*args):
 
 def test_json_rows():
     rows = json.loads(_run("resnext50_32x4d", "configs/fashion_mnist.py", "--format=json"))
-    assert [r["name"] for r in rows] == ["resnext50_32x4d", "resnext11_8x16d"]
+    assert [r["name"] for r in rows] == ["resnext50_32x4d", "resnext11_4x16d"]
     first = rows[0]
     assert first["params"] == 25_028_904 and first["paper_params"] == 25_028_904
     assert abs(first["flops"] / 4.2e9 - 1) < 0.03 and first["conv2_group_width"] == 128

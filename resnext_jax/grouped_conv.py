@@ -3,6 +3,18 @@
 Every implementation reads the same parameter: the `(kh, kw, in/groups, out)` kernel that
 `flax.linen.Conv(feature_group_count=groups)` stores, so a checkpoint never depends on
 which implementation trained it.
+
+XLA's CPU backend runs narrow-group `feature_group_count` convs slower than the dense conv
+they replace, and their kernel gradient (a `batch_group_count` conv) about 60x slower than
+a dense conv's at ResNeXt-50's first stage. The alternatives, all selectable by name
+(`select_impl` picks on CPU):
+
+    dense      one dense conv with the block-diagonal kernel (not picked by `auto`)
+    shift      kh*kw*in/groups fused multiply-adds of shifted inputs (narrow groups)
+    matmul     im2col, then a matmul batched over groups (wide groups)
+    xla_wgrad  the native conv with `_weight_grad` for its kernel gradient
+
+docs/benchmarks.md ("Grouped convolution on XLA CPU") has the measurements behind the rules.
 """
 
 from collections.abc import Callable
@@ -29,6 +41,7 @@ def _xla(x, kernel, strides, padding, groups):
 
 
 def _native_conv(x, kernel, strides, pads, groups):
+    """`lax.conv_general_dilated` in this module's layout and argument order."""
     return jax.lax.conv_general_dilated(
         x,
         kernel,
@@ -75,19 +88,35 @@ def _taps(x, kh, kw, strides, pads):
 def _shift_forward(x, kernel, strides, pads, groups):
     """Sum over taps and in-group channels of a shifted input channel times a weight row.
 
-    Written as kh*kw*(in/groups) broadcast multiply-adds, which XLA fuses into one loop over
-    the output: no im2col buffer and no tiny matmuls, so it suits narrow groups.
+    Written as kh*kw*(in/groups) broadcast multiply-adds, which XLA fuses into a loop over the
+    output: no im2col buffer and no tiny matmuls, so it suits narrow groups. The loop over
+    kernel rows is a `fori_loop` on purpose: XLA CPU copies a cheap-looking elementwise
+    fusion into every consumer (in training, the output's three: the next BN, its gradient
+    and the ReLU mask), and drops `optimization_barrier`; a loop's result is materialized.
     """
     kh, kw, group_in, out = kernel.shape
     acc = jnp.promote_types(x.dtype, jnp.float32)
-    w = kernel.astype(acc).reshape(kh * kw, group_in, groups, out // groups)
-    y = None
-    for t, xt in enumerate(_taps(x, kh, kw, strides, pads)):
-        xt = xt.astype(acc).reshape(*xt.shape[:3], groups, 1, group_in)
-        for i in range(group_in):
-            term = xt[..., i] * w[t, i]
-            y = term if y is None else y + term
-    return y.reshape(*y.shape[:3], out).astype(x.dtype)
+    w = kernel.astype(acc).reshape(kh, kw, group_in, groups, out // groups)
+    (top, bottom), (left, right) = pads
+    x = jax.lax.pad(
+        x, jnp.zeros((), x.dtype), ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0))
+    )
+    n, h, wd, _ = x.shape
+    ho, wo = (h - kh) // strides + 1, (wd - kw) // strides + 1
+
+    def add_kernel_row(a, y):
+        rows = jax.lax.dynamic_slice_in_dim(x, a, strides * (ho - 1) + 1, axis=1)[:, ::strides]
+        w_row = jax.lax.dynamic_index_in_dim(w, a, keepdims=False)
+        for b in range(kw):
+            xt = rows[:, :, b : b + strides * (wo - 1) + 1 : strides].astype(acc)
+            xt = xt.reshape(n, ho, wo, groups, 1, group_in)
+            for i in range(group_in):
+                y = y + xt[..., i] * w_row[b, i]
+        return y
+
+    y = jnp.zeros((n, ho, wo, groups, out // groups), acc)
+    y = jax.lax.fori_loop(0, kh, add_kernel_row, y)
+    return y.reshape(n, ho, wo, out).astype(x.dtype)
 
 
 def _matmul_forward(x, kernel, strides, pads, groups):
@@ -131,7 +160,7 @@ def _weight_grad(x, dy, kernel_shape, strides, padding, groups):
 
     Images become the feature axis and the output map the window, so `feature_group_count`
     splits the contraction by group: XLA runs this far faster than the `batch_group_count`
-    conv that autodiff of `_xla` emits (about 40x at ResNeXt-50's first stage).
+    conv that autodiff of `_xla` emits (over 50x at ResNeXt-50's first stage).
     """
     kh, kw, group_in, out = kernel_shape
     n, h, w, _ = x.shape
@@ -176,11 +205,16 @@ def _with_fast_grads(forward):
     return conv
 
 
+def _matmul(x, kernel, strides, padding, groups):
+    """`_matmul_forward` under plain autodiff: its grads are matmuls over the same patches."""
+    return _matmul_forward(x, kernel, strides, _pads(padding), groups)
+
+
 IMPLS: dict[str, Callable] = {
     "xla": _xla,
     "dense": _dense,
     "shift": _with_fast_grads(_shift_forward),
-    "matmul": lambda x, k, s, p, g: _matmul_forward(x, k, s, _pads(p), g),
+    "matmul": _matmul,
     "xla_wgrad": _with_fast_grads(_native_conv),
 }
 
@@ -188,16 +222,19 @@ IMPLS: dict[str, Callable] = {
 def select_impl(x_shape, kernel_shape, strides, groups, backend=None) -> str:
     """The implementation `auto` picks for this shape on this backend.
 
-    The rules come from scripts/bench_grouped_conv.py on a 2-core x86 CPU (docs/benchmarks.md).
-    Off CPU there is no measurement yet, so XLA's native grouped conv stays the default.
+    The rules come from scripts/bench_grouped_conv.py on a 2-core x86 CPU (docs/benchmarks.md,
+    fwd+bwd time). Off CPU there is no measurement yet, so XLA's native conv stays the default.
     """
     del x_shape, strides
     backend = backend or jax.default_backend()
     if groups == 1 or backend != "cpu":
         return "xla"
-    if kernel_shape[2] <= 8:  # narrow groups: fused multiply-adds beat tiny matmuls
+    kh, kw, group_in, _ = kernel_shape
+    # `dense` ties or wins at widths <= 64 too, but its zero blocks would show up in every
+    # FLOP count taken from XLA (resnext_jax.stats), so `auto` never picks it.
+    if group_in <= 8 and kh * kw * group_in <= 72:  # few enough multiply-adds to fuse well
         return "shift"
-    return "xla_wgrad"
+    return "matmul"
 
 
 def conv2d(x, kernel, *, strides=1, padding=0, groups=1, impl="auto"):

@@ -250,3 +250,24 @@ def test_readme_main_command_shortened(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["dataset"] == "fashion_mnist" and results["eval_examples"] == 500
     assert time.time() - start < 600
+
+
+def test_init_from_a_variables_checkpoint_replaces_the_head(tmp_path):
+    from resnext_jax import checkpoint
+
+    pretrained_cfg = variants.model_config("_tiny_resnext", bn_group_size=8, num_classes=5)
+    model = variants.build_model(pretrained_cfg)
+    variables = model.init(jax.random.key(7), np.zeros((1, 8, 8, 3), np.float32))
+    checkpoint.save_variables(tmp_path / "pretrained", variables, pretrained_cfg)
+    # lr 0: the one step leaves the parameters as they were loaded.
+    config = tiny_config(init_from=str(tmp_path / "pretrained"), max_steps=1, learning_rate=0.0)
+    train.train_and_evaluate(config, tmp_path / "run")
+    loaded = final_params(tmp_path / "run", config)
+    assert loaded["params"]["head"]["kernel"].shape[-1] == 10
+    for name in ("stem_conv", "stage2_block0"):
+        jax.tree.map(np.testing.assert_array_equal, loaded["params"][name],
+                     jax.tree.map(np.asarray, variables["params"][name]))  # fmt: skip
+    wrong = variants.model_config("_tiny_resnext", cardinality=2, base_width=32)
+    checkpoint.save_variables(tmp_path / "other", variables, wrong)
+    with pytest.raises(ValueError, match="holds a different model"):
+        train.train_and_evaluate(tiny_config(init_from=str(tmp_path / "other")), tmp_path / "r2")

@@ -341,8 +341,10 @@ def _train(config, workdir, run, manager, state, steps_per_epoch, total_steps) -
     )
     session_start = time.time()
 
+    earlier_sessions = meta["wall_time_s"]  # wall time of the runs this one resumes
+
     def elapsed():
-        return meta["wall_time_s"] + time.time() - session_start
+        return earlier_sessions + time.time() - session_start
 
     def run_eval(step):
         result = evaluate(run, {"params": state.params, "batch_stats": state.batch_stats})

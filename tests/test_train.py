@@ -49,7 +49,10 @@ def final_params(workdir, config):
 def straight_run(tmp_path_factory):
     """Two epochs of a tiny ResNeXt on synthetic data, uninterrupted: (workdir, results)."""
     workdir = tmp_path_factory.mktemp("straight")
-    return workdir, train.train_and_evaluate(tiny_config(), workdir)
+    start = time.time()
+    results = train.train_and_evaluate(tiny_config(), workdir)
+    assert 0 < results["wall_time_s"] <= time.time() - start
+    return workdir, results
 
 
 def test_train_and_evaluate_writes_everything(straight_run):

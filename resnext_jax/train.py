@@ -312,17 +312,18 @@ def _train(config, workdir, run, manager, state, steps_per_epoch, total_steps) -
     schedule = optim.learning_rate_schedule(config, steps_per_epoch)
     meta = {"step": 0, "wall_time_s": 0.0, "best_top1_error": None, "eval": None}
     primary = jax.process_index() == 0
+    fine_tune = manager.latest_step() is None and bool(config.init_from)
     if manager.latest_step() is not None:
         state, meta = restore_latest(manager, state)
         resumed = f"resuming from the checkpoint of step {int(state.step)}"
-    elif config.init_from:
+    elif fine_tune:
         resumed = f"starting from the weights in {config.init_from}"
     else:
         resumed = "starting from scratch"
     start_step = int(state.step)
     report = reporting.Reporter(workdir, total_steps, steps_per_epoch, config.batch_size,
                                 enabled=primary, resume_step=start_step)  # fmt: skip
-    if resumed.startswith("starting from the weights"):
+    if fine_tune:
         state = _restore_pretrained(state, config, config.init_from, report)
     if primary:
         reporting.write_json(workdir / reporting.CONFIG_FILE, json.loads(config.to_json()))

@@ -2,8 +2,6 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from resnext_jax.variants import build_model
-
 
 @pytest.fixture(scope="session")
 def tiny_batch():
@@ -12,7 +10,3 @@ def tiny_batch():
 
 def init(model, x):
     return model.init(jax.random.key(0), jnp.zeros_like(x))
-
-
-def tiny(name, **overrides):
-    return build_model(name, **overrides)

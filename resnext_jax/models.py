@@ -189,6 +189,7 @@ class ResNet(nn.Module):
     num_classes: int = 1000
     stem: str = "imagenet"
     stem_width: int = 64
+    stem_strides: int = 1
     planes: int = 64
     shortcut: bool = True
     zero_init_last_bn: bool = False
@@ -213,8 +214,9 @@ class ResNet(nn.Module):
         if self.stem == "imagenet":  # 7x7/2 conv, BN, ReLU, 3x3/2 max pool
             x = nn.relu(norm(name="stem_bn")(conv(self.stem_width, 7, 2, name="stem_conv")(x)))
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        elif self.stem == "cifar":  # 3x3 conv, BN, ReLU, no pooling
-            x = nn.relu(norm(name="stem_bn")(conv(self.stem_width, 3, name="stem_conv")(x)))
+        elif self.stem == "cifar":  # 3x3 conv (stride `stem_strides`), BN, ReLU, no pooling
+            x = conv(self.stem_width, 3, self.stem_strides, name="stem_conv")(x)
+            x = nn.relu(norm(name="stem_bn")(x))
         else:
             raise ValueError(f"unknown stem {self.stem!r}; choose 'imagenet' or 'cifar'")
 

@@ -90,6 +90,7 @@ def default_model_config() -> ml_collections.ConfigDict:
             stage_sizes=(),  # blocks per stage; () derives them from depth
             stem="imagenet",  # imagenet: 7x7/2 conv + 3x3/2 max pool; cifar: 3x3 conv
             stem_width=64,
+            stem_strides=1,  # stride of the cifar stem's 3x3 conv (the imagenet stem is fixed)
             planes=64,  # planes of the first stage, doubled at each later stage
             num_classes=1000,
             input_channels=3,
@@ -195,6 +196,11 @@ def validate(config) -> None:
             f"floor({config.planes} * {config.base_width} / 64) = 0 at {config.planes} planes; "
             f"base_width must be at least {-(-64 // config.planes)}"
         )
+    if config.stem_strides < 1 or (config.stem == "imagenet" and config.stem_strides != 1):
+        raise ValueError(
+            f"model.stem_strides={config.stem_strides}: the cifar stem takes a stride >= 1; "
+            "the imagenet stem's strides are fixed (leave 1)"
+        )
     if config.bn_group_size < 0:
         raise ValueError("model.bn_group_size must be >= 0 (0 normalizes over the whole batch)")
 
@@ -234,6 +240,7 @@ def build_model(config_or_name, **overrides) -> ResNet:
         num_classes=config.num_classes,
         stem=config.stem,
         stem_width=config.stem_width,
+        stem_strides=config.stem_strides,
         planes=config.planes,
         shortcut=config.shortcut,
         zero_init_last_bn=config.zero_init_last_bn,

@@ -108,6 +108,24 @@ def test_stride_on_grouped_3x3():
     assert shapes[("stage2_block0", "conv2")] == (16, 8)
 
 
+def test_strided_cifar_stem_halves_the_feature_map():
+    x = jnp.zeros((2, 28, 28, 1))
+    features = {}
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and context.module.name == "stem_conv":
+            features["stem"] = out.shape
+        return out
+
+    import flax.linen as nn
+
+    for strides, size in ((1, 28), (2, 14)):
+        with nn.intercept_methods(record):
+            init(build_model("_tiny_resnext", stem_strides=strides), x)
+        assert features["stem"] == (2, size, size, 8)
+
+
 def test_zero_init_last_bn_and_he_fan_out_init():
     v = init(build_model("_tiny_resnext", zero_init_last_bn=True), jnp.zeros((2, 16, 16, 3)))
     assert float(jnp.abs(v["params"]["stage1_block0"]["bn3"]["scale"]).max()) == 0.0

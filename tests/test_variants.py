@@ -78,6 +78,10 @@ def test_bad_settings():
         model_config("resnet50", stem="vit")
     with pytest.raises(ValueError, match="set depth to match"):
         model_config("resnet50", stage_sizes=(1, 1, 1, 1))
+    with pytest.raises(ValueError, match="imagenet stem's strides are fixed"):
+        model_config("resnet50", stem_strides=2)
+    with pytest.raises(ValueError, match="stride >= 1"):
+        model_config("resnext29_8x64d", stem_strides=0)
 
 
 def test_groups_that_do_not_divide_the_width():

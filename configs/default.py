@@ -26,7 +26,7 @@ def get_config():
     # 256 images per step over 8 GPUs, 32 per GPU: model.bn_group_size keeps BN at 32 images.
     config.batch_size = 256  # global, over all devices and processes
     config.eval_batch_size = 256
-    config.num_epochs = 100
+    config.num_epochs = 100.0  # may be fractional (steps = round(epochs * steps per epoch))
 
     config.optimizer = "sgd"
     config.learning_rate = 0.1  # for every `lr_batch_size` images, scaled linearly

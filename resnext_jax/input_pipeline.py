@@ -26,6 +26,10 @@ FASHION_MNIST_FILES = {
 }
 
 
+# Host-side train augmentations of in-memory sources.
+AUGMENTATIONS = ("none", "flip", "pad_crop_flip")
+
+
 class DataError(RuntimeError):
     """A dataset is missing or malformed; the message says what to do."""
 
@@ -37,6 +41,8 @@ class InMemorySource:
         self.train_images, self.train_labels = train
         self.eval_images, self.eval_labels = eval
         self.num_classes = num_classes
+        if augment not in AUGMENTATIONS:
+            raise DataError(f"augment={augment!r}; choose one of {AUGMENTATIONS}")
         self.augment = augment
         pixels = self.train_images.reshape(-1, self.train_images.shape[-1])
         # Statistics of the training images themselves, unless the caller fixes them.
@@ -81,8 +87,11 @@ class InMemorySource:
             order = np.random.default_rng([seed, epoch]).permutation(self.num_train)
             ids = np.sort(order[index * global_batch : (index + 1) * global_batch][local])
             images = self.train_images[ids]
+            rng = np.random.default_rng([seed, epoch, index])
             if self.augment == "pad_crop_flip":
-                images = pad_crop_flip(images, np.random.default_rng([seed, epoch, index]))
+                images = pad_crop_flip(images, rng)
+            elif self.augment == "flip":
+                images = flip(images, rng)
             yield {"image": self._normalize(images), "label": self.train_labels[ids]}
             step += 1
 
@@ -106,6 +115,12 @@ def _local_slice(global_batch) -> slice:
         raise DataError(f"batch size {global_batch} does not split over {count} processes")
     per_process = global_batch // count
     return slice(index * per_process, (index + 1) * per_process)
+
+
+def flip(images, rng):
+    """Flip half of the images horizontally."""
+    flipped = rng.random(len(images)) < 0.5
+    return np.where(flipped[:, None, None, None], images[:, :, ::-1], images)
 
 
 def pad_crop_flip(images, rng, pad=4):
@@ -141,7 +156,7 @@ def _find_idx(folder, stem):
     return None
 
 
-def fashion_mnist(data_dir="") -> InMemorySource:
+def fashion_mnist(data_dir="", augment="pad_crop_flip") -> InMemorySource:
     """Fashion-MNIST from IDX files: `data_dir`, Debian's package, or a prepared TFDS copy."""
     folders = [pathlib.Path(data_dir)] if data_dir else [pathlib.Path(FASHION_MNIST_DIR)]
     for folder in folders:
@@ -152,8 +167,8 @@ def fashion_mnist(data_dir="") -> InMemorySource:
                 (read_idx(images)[..., None], read_idx(labels).astype(np.int32))
                 for images, labels in files.values()
             )
-            return InMemorySource(train, test, num_classes=10, augment="pad_crop_flip")
-    if not data_dir and (source := _fashion_mnist_from_tfds()):
+            return InMemorySource(train, test, num_classes=10, augment=augment)
+    if not data_dir and (source := _fashion_mnist_from_tfds(augment)):
         return source
     stems = [s + "[.gz]" for pair in FASHION_MNIST_FILES.values() for s in pair]
     raise DataError(
@@ -164,7 +179,7 @@ def fashion_mnist(data_dir="") -> InMemorySource:
     )
 
 
-def _fashion_mnist_from_tfds():
+def _fashion_mnist_from_tfds(augment):
     """TFDS's prepared `fashion_mnist`, read through its TensorFlow-free data source."""
     try:
         import tensorflow_datasets as tfds
@@ -178,7 +193,7 @@ def _fashion_mnist_from_tfds():
         (np.stack([r["image"] for r in ds]), np.array([r["label"] for r in ds], np.int32))
         for ds in splits
     ]
-    return InMemorySource(*arrays, num_classes=10, augment="pad_crop_flip")
+    return InMemorySource(*arrays, num_classes=10, augment=augment)
 
 
 def synthetic(image_size, channels, num_classes, num_train, num_eval, seed=0) -> InMemorySource:
@@ -202,7 +217,8 @@ def get_source(config):
     """The data source a training config asks for."""
     ds = config.dataset
     if ds.name == "fashion_mnist":
-        return fashion_mnist(ds.data_dir).subset(ds.num_train_examples, ds.num_eval_examples)
+        source = fashion_mnist(ds.data_dir, ds.get("augment", "pad_crop_flip"))
+        return source.subset(ds.num_train_examples, ds.num_eval_examples)
     if ds.name == "synthetic":
         return synthetic(
             ds.image_size,

@@ -18,7 +18,7 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
         raise ValueError(f"lr_schedule={config.lr_schedule!r}; choose one of {SCHEDULES}")
     peak = scaled_learning_rate(config)
     warmup = round(config.warmup_epochs * steps_per_epoch)
-    total = config.num_epochs * steps_per_epoch
+    total = round(config.num_epochs * steps_per_epoch)
     if config.lr_schedule == "step":
         main = optax.piecewise_constant_schedule(
             peak,

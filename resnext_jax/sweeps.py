@@ -106,7 +106,8 @@ def resolve_config(spec: str, seed: int, overrides=()) -> dict:
 
 def expand(config, seeds, root, overrides=(), python="python", train_script="scripts/train.py",
            cwd=".") -> list[SweepRun]:  # fmt: skip
-    """Every run of the sweep: each setting of the family in `config` times seeds 0..seeds-1.
+    """Every run of the sweep: each setting of the family in `config` times seeds 0..seeds-1,
+    seed-major.
 
     Paths are written into the commands as given; `cwd` is the directory the commands run from,
     against which relative paths are read here.
@@ -123,9 +124,11 @@ def expand(config, seeds, root, overrides=(), python="python", train_script="scr
             raise SweepError(f"{item}: the sweep sets config.seed (use --seeds)")
     cwd = pathlib.Path(cwd)
     runs = []
-    for setting in family_settings(cwd / config):
-        spec = f"{config}:{setting}" if setting else config
-        for seed in range(seeds):
+    settings = family_settings(cwd / config)
+    # Seed-major: every setting's seed 0 runs first, so a sweep cut short still covers them all.
+    for seed in range(seeds):
+        for setting in settings:
+            spec = f"{config}:{setting}" if setting else config
             workdir = f"{root.rstrip('/')}/{setting_slug(setting)}/seed{seed}"
             resolved = resolve_config(str(cwd / spec), seed, overrides)
             command = (python, train_script, f"--config={spec}", f"--workdir={workdir}",

@@ -294,7 +294,7 @@ def train_and_evaluate(config, workdir) -> dict:
         raise ValueError(
             f"batch_size={config.batch_size} exceeds the {source.num_train} training examples"
         )
-    total_steps = config.num_epochs * steps_per_epoch
+    total_steps = max(1, round(config.num_epochs * steps_per_epoch))
     if config.max_steps > 0:
         total_steps = min(total_steps, config.max_steps)
     tx = optim.create_optimizer(config, steps_per_epoch)

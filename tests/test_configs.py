@@ -35,6 +35,20 @@ def test_table3_family_and_sweep():
         table3.get_config("depth=fifty")
 
 
+def test_fmnist_table3_halves_the_papers_widths_at_preserved_complexity():
+    from configs import fmnist_table3
+    from resnext_jax import stats
+
+    sweep = fmnist_table3.get_sweep()
+    assert sweep == [f"cw={cw}" for cw in ("1x64d", "2x40d", "4x24d", "8x14d", "32x4d")]
+    configs = [config_utils.load_config(f"configs/fmnist_table3.py:{arg}") for arg in sweep]
+    # Table 2's conv2 widths (64, 80, 96, 112, 128), halved at 32 planes.
+    assert [variants.conv2_width(c.model) for c in configs] == [32, 40, 48, 56, 64]
+    macs = [stats.multiply_adds(variants.build_model(c.model), (1, 28, 28, 1)) for c in configs]
+    assert max(macs) / min(macs) < 1.06
+    assert all(c.dataset.name == "fashion_mnist" for c in configs)
+
+
 def test_named_config_matches_paper_setting():
     config = config_utils.load_config("configs/resnext50_32x4d.py")
     assert variants.variant_name(config.model) == "resnext50_32x4d"

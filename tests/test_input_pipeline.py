@@ -50,6 +50,23 @@ def test_pad_crop_flip_keeps_shape_and_pixels():
     assert not np.array_equal(out, images)
 
 
+def test_flip_mirrors_about_half_and_keeps_the_rest():
+    images = np.arange(64 * 3 * 4).reshape(64, 3, 4, 1).astype(np.uint8)
+    out = input_pipeline.flip(images, np.random.default_rng(0))
+    mirrored = [np.array_equal(o, i[:, ::-1]) for o, i in zip(out, images, strict=True)]
+    kept = [np.array_equal(o, i) for o, i in zip(out, images, strict=True)]
+    assert all(m != k for m, k in zip(mirrored, kept, strict=True))
+    assert 20 < sum(mirrored) < 44
+
+
+def test_augment_is_checked():
+    import pytest
+
+    data = (np.zeros((4, 2, 2, 1), np.uint8), np.zeros(4, np.int32))
+    with pytest.raises(input_pipeline.DataError, match="choose one of"):
+        input_pipeline.InMemorySource(data, data, 2, augment="cutout")
+
+
 def test_prefetch_passes_errors_through():
     def broken():
         yield 1

@@ -57,7 +57,11 @@ def test_expand_table3_into_runs_with_overrides():
     overrides = ["--config.max_steps=2", "--config.model.dtype=bfloat16"]
     runs = sweeps.expand("configs/table3.py", 3, "sweeps/t3", overrides, python="python")
     assert len(runs) == 30 and len({r.workdir for r in runs}) == 30
-    run = runs[3 * 9 + 2]  # the last setting, seed 2
+    assert [(r.setting, r.seed) for r in runs[9:11]] == [
+        ("depth=101,cw=32x4d", 0),  # seed-major: every setting's seed 0 comes first
+        ("depth=50,cw=1x64d", 1),
+    ]
+    run = runs[-1]  # the last setting, seed 2
     assert (run.setting, run.seed) == ("depth=101,cw=32x4d", 2)
     assert run.workdir == "sweeps/t3/depth-101_cw-32x4d/seed2"
     assert run.command == (
@@ -148,8 +152,8 @@ print("resuming" if (workdir / "checkpoints").exists() else "from scratch")
 
 def test_run_all_skips_finished_resumes_unfinished_and_goes_on_after_a_failure(family, tmp_path):
     runs = sweeps.expand(str(family), 2, str(tmp_path / "sweep"))
-    assert [(r.setting, r.seed) for r in runs] == [("cw=2x16d", 0), ("cw=2x16d", 1),
-                                                   ("cw=4x8d", 0), ("cw=4x8d", 1)]  # fmt: skip
+    assert [(r.setting, r.seed) for r in runs] == [("cw=2x16d", 0), ("cw=4x8d", 0),
+                                                   ("cw=2x16d", 1), ("cw=4x8d", 1)]  # fmt: skip
     runs = [sweeps.dataclasses.replace(r, command=(sys.executable, "-c", FAKE_TRAIN, r.workdir,
                                                    json.dumps(r.config)))
             for r in runs]  # fmt: skip

@@ -30,12 +30,18 @@ def parse_family_args(arg: str | None, allowed: dict[str, tuple], defaults: dict
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """Load `path/to/config.py[:args]` the way ml_collections' `config_flags` does."""
     path, _, arg = spec.partition(":")
-    file = pathlib.Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"no config file {path!r}")
-    spec_obj = importlib.util.spec_from_file_location(file.stem, file)
-    module = importlib.util.module_from_spec(spec_obj)
-    spec_obj.loader.exec_module(module)
+    module = load_module(path)
     config = module.get_config(arg) if arg else module.get_config()
     config.lock()
     return config
+
+
+def load_module(path):
+    """Import the config file at `path` as a module."""
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"no config file {str(path)!r}")
+    spec = importlib.util.spec_from_file_location(file.stem, file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -11,7 +11,6 @@ train.py resumes it from its latest checkpoint. `scripts/sweep.py` is the comman
 """
 
 import dataclasses
-import importlib.util
 import json
 import pathlib
 import re
@@ -24,7 +23,7 @@ import warnings
 from absl import flags
 from ml_collections import config_flags
 
-from resnext_jax import reporting, variants
+from resnext_jax import config_utils, reporting, variants
 
 MANIFEST_FILE = "sweep.json"  # in the sweep's root: every planned run (scripts/report.py reads it)
 LOG_FILE = "train.log"  # in each workdir: the output of every launch of that run, appended
@@ -55,9 +54,7 @@ def family_settings(path) -> list[str]:
     path = pathlib.Path(path)
     if not path.is_file():
         raise SweepError(f"no config file {str(path)!r}")
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = config_utils.load_module(path)
     if not callable(getattr(module, "get_sweep", None)):
         raise SweepError(
             f"{path} is not a config family: it has no get_sweep(). A family defines "

@@ -21,7 +21,7 @@ def default_workdir(config_spec: str) -> str:
     """workdirs/table3_depth-101_cw-8x14d for configs/table3.py:depth=101,cw=8x14d."""
     path, _, args = config_spec.partition(":")
     stem = re.sub(r"\.py$", "", path.rsplit("/", 1)[-1])
-    suffix = re.sub(r"[^A-Za-z0-9.]+", "-", args.replace(",", "_").replace("=", "-"))
+    suffix = re.sub(r"[^A-Za-z0-9._]+", "-", args.replace(",", "_").replace("=", "-"))
     return f"workdirs/{stem}_{suffix}" if args else f"workdirs/{stem}"
 
 

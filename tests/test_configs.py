@@ -79,3 +79,10 @@ def test_command_line_overrides():
     done = _run_with_flags("--config=configs/table3.py:depth=101,cw=8x14d",
                            "--config.model.cardinalty=8")  # fmt: skip
     assert done.returncode != 0 and 'Did you mean "cardinality"' in done.stderr
+
+
+def test_default_workdir_is_derived_from_the_config_spec():
+    train_script = config_utils.load_module("scripts/train.py")
+    assert train_script.default_workdir("configs/fashion_mnist.py") == "workdirs/fashion_mnist"
+    spec = "configs/table3.py:depth=101,cw=8x14d"
+    assert train_script.default_workdir(spec) == "workdirs/table3_depth-101_cw-8x14d"

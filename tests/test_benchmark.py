@@ -1,0 +1,104 @@
+"""scripts/benchmark.py: rows of both frameworks and modes, config aliases, clear errors."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+_spec = importlib.util.spec_from_file_location("benchmark", _PATH)
+benchmark = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(benchmark)
+
+TINY = ["--batch=2", "--steps=2", "--rounds=2", "--warmup=1"]
+KEYS = {"model", "framework", "mode", "images_per_sec", "step_time_ms", "compile_s",
+        "peak_memory_mb", "batch", "res", "dtype", "impl"}  # fmt: skip
+
+
+def _run(capsys, *args):
+    benchmark.main([*args])
+    return capsys.readouterr().out
+
+
+def test_train_json_beside_torch(capsys):
+    # One torch thread: with a core busy elsewhere, two OpenMP threads run 10-40x slower here.
+    rows = json.loads(_run(capsys, "--models=resnet18", "--torch", "--torch-threads=1", "--res=32",
+                           "--format=json", *TINY))  # fmt: skip
+    assert [(r["model"], r["framework"]) for r in rows] == [("resnet18", "jax"),
+                                                            ("resnet18", "torch")]  # fmt: skip
+    for r in rows:
+        assert KEYS <= set(r)
+        assert (r["mode"], r["batch"], r["res"], r["dtype"]) == ("train", 2, 32, "float32")
+        assert r["images_per_sec"] > 0 and len(r["round_step_ms"]) == 2
+        assert r["images_per_sec"] == pytest.approx(2e3 / r["step_time_ms"])
+        assert r["peak_memory_mb"] > 0 and r["vs_first"] == 1.0
+    jax_row, torch_row = rows
+    assert jax_row["impl"] == "auto (xla)" and jax_row["compile_s"] > 0
+    assert jax_row["xla_memory_mb"] > 0 and torch_row["compile_s"] is None
+    assert torch_row["threads"] == 1 and torch_row["impl"] == "eager"
+    assert jax_row["jax_over_torch"] == pytest.approx(
+        jax_row["images_per_sec"] / torch_row["images_per_sec"]
+    )
+
+
+def test_infer_markdown_of_a_config_alias(capsys):
+    out = _run(capsys, "--models=fashion_mnist", "--mode=infer", "--batch=4", "--steps=1",
+               "--warmup=1")  # fmt: skip
+    assert out.startswith("infer, batch 4, float32, impl auto; 1 timed steps in 1 rounds")
+    assert "torch" not in out.splitlines()[0]
+    table = [line.split(" | ") for line in out.splitlines() if line.startswith("| ")]
+    assert len(table) == 2
+    model, framework, impl, size, ips, vs_first = table[1][:6]
+    assert (model, framework, size, vs_first) == ("| fashion_mnist", "jax", "28x28x1",
+                                                  "1.00x fashion_mnist")  # fmt: skip
+    assert impl.startswith("auto (") and float(ips) > 0
+    assert "peak MB: the worker's peak resident memory" in out
+
+
+def test_torch_row_is_na_without_a_torchvision_model():
+    args = benchmark._parser().parse_args(["--torch", "--batch=2"])
+    built = benchmark.TorchBench("fashion_mnist", args).build()
+    assert built["na"].startswith("no torchvision model with these layers")
+    assert "'stem': 'cifar'" in built["na"]
+
+
+def test_bad_model_name_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--models=resnet50,resnext50_32x4"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'resnext50_32x4'" in err and "fashion_mnist" in err
+
+
+def test_model_specs_and_input_sizes():
+    assert benchmark._split_models("resnet50, cifar:model=resnext29_16x64d,dataset=cifar100") == [
+        "resnet50",
+        "cifar:model=resnext29_16x64d,dataset=cifar100",
+    ]
+    args = benchmark._parser().parse_args(["--batch=8", "--dtype=bfloat16", "--impl=dense"])
+    sizes = {s: benchmark.resolve(s, args).input_shape
+             for s in ("resnet50", "resnext29_8x64d", "fashion_mnist")}  # fmt: skip
+    assert sizes == {"resnet50": (224, 224, 3), "resnext29_8x64d": (32, 32, 3),
+                     "fashion_mnist": (28, 28, 1)}  # fmt: skip
+    config = benchmark.resolve("cifar:model=resnext29_16x64d,dataset=cifar100", args).config
+    assert (config.model.cardinality, config.model.num_classes) == (16, 100)
+    model = config.model
+    assert (model.dtype, model.conv_impl, config.batch_size) == ("bfloat16", "dense", 8)
+    args.res = 64
+    assert benchmark.resolve("fashion_mnist", args).input_shape == (64, 64, 1)
+
+
+def test_rounds_and_ratios():
+    assert benchmark.round_sizes(7, 3) == [3, 2, 2] and benchmark.round_sizes(1, 5) == [1]
+    rows = [
+        dict(model="a", framework="jax", images_per_sec=10.0),
+        dict(model="a", framework="torch", images_per_sec=None),
+        dict(model="b", framework="jax", images_per_sec=7.0),
+        dict(model="b", framework="torch", images_per_sec=3.5),
+    ]
+    benchmark.add_ratios(rows)
+    assert [(r["vs_first"], r["vs_first_model"]) for r in rows] == [
+        (1.0, "a"), (None, None), (0.7, "a"), (1.0, "b")
+    ]  # fmt: skip
+    assert [r["jax_over_torch"] for r in rows] == [None, None, 2.0, 2.0]

@@ -247,7 +247,11 @@ def conv2d(x, kernel, *, strides=1, padding=0, groups=1, impl="auto"):
 
 
 class Conv(nn.Module):
-    """Bias-free square conv with symmetric padding k//2 (torchvision's), optionally grouped."""
+    """Bias-free square conv with symmetric padding k//2 (torchvision's), optionally grouped.
+
+    `impl` chooses how a grouped conv runs; an ungrouped one always takes `auto` (XLA's own
+    conv), so forcing an implementation for a model's grouped 3x3s leaves its dense convs alone.
+    """
 
     features: int
     kernel_size: int
@@ -275,5 +279,5 @@ class Conv(nn.Module):
             strides=self.strides,
             padding=k // 2,
             groups=self.groups,
-            impl=self.impl,
+            impl=self.impl if self.groups > 1 else "auto",
         )

@@ -76,7 +76,7 @@ def _parser():
     add("--mode", choices=MODES, default="train")
     add("--batch", type=int, default=16)
     add("--res", type=int, default=0, help="input size (0: each model's own)")
-    add("--impl", choices=IMPLS, default="auto", help="model.conv_impl (for every conv)")
+    add("--impl", choices=IMPLS, default="auto", help="model.conv_impl (grouped convs only)")
     add("--dtype", choices=DTYPES, default="float32", help="compute dtype; params stay float32")
     add("--torch", action="store_true", help="also time torchvision's model of the same layers")
     add("--channels-last", action="store_true", help="torch: channels_last memory format")
@@ -524,7 +524,8 @@ def conv_impls(model, input_shape) -> list[str]:
     def record(next_fun, args, kwargs, context):
         module = context.module
         if isinstance(module, grouped_conv.Conv) and context.method_name == "__call__":
-            impl, x, k = module.impl, args[0], module.kernel_size
+            impl = module.impl if module.groups > 1 else "auto"
+            x, k = args[0], module.kernel_size
             if impl == "auto":
                 kernel = (k, k, x.shape[-1] // module.groups, module.features)
                 impl = grouped_conv.select_impl(x.shape, kernel, module.strides, module.groups)

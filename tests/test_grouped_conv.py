@@ -75,6 +75,20 @@ def test_conv_module_kernel_is_hwio_for_every_impl():
     assert shapes == {(3, 3, 4, 32)}
 
 
+def test_forced_impl_reaches_grouped_convs_only(monkeypatch):
+    calls = []
+    for name in IMPLS:
+        impl = grouped_conv.IMPLS[name]
+        monkeypatch.setitem(
+            grouped_conv.IMPLS, name,
+            lambda *a, _name=name, _impl=impl: calls.append((_name, a[-1])) or _impl(*a),
+        )  # fmt: skip
+    x = jnp.ones((1, 8, 8, 16))
+    for groups in (1, 4):
+        Conv(16, 3, groups=groups, impl="shift").init(jax.random.key(0), x)
+    assert calls == [("xla", 1), ("shift", 4)]
+
+
 @pytest.mark.parametrize("features,groups", [(32, 3), (30, 4)])
 def test_conv_module_rejects_groups_that_do_not_divide(features, groups):
     with pytest.raises(ValueError, match="groups must divide"):

@@ -28,9 +28,14 @@ def get_config(arg="model=resnext29_8x64d,dataset=cifar10"):
     config.model = variants.model_config(
         args["model"], num_classes=100 if args["dataset"] == "cifar100" else 10, bn_group_size=16
     )
-    config.dataset.name = args["dataset"]
+    config.dataset.name = args["dataset"]  # TFDS cifar10 / cifar100
     config.dataset.eval_split = "test"
     config.dataset.image_size = 32
+    # fb.resnet.torch's CIFAR recipe: normalize with the training set's mean and std (the
+    # dataset's default), zero-pad 4, random 32x32 crop, flip; no color jitter or lighting.
+    config.dataset.augment = "pad_crop_flip"
+    config.dataset.color_jitter = 0.0
+    config.dataset.lighting = 0.0
     config.batch_size = 128
     config.eval_batch_size = 500
     config.num_epochs = 300

@@ -14,14 +14,37 @@ def get_config():
     config = ml_collections.ConfigDict()
     config.model = variants.model_config("resnet50")
 
+    # The data (README "Data"): a TFDS name (prepared as array_record), "image_folder",
+    # "fashion_mnist" or "synthetic". Preprocessing defaults are the paper's ImageNet recipe
+    # (fb.resnet.torch); resnext_jax/preprocessing.py describes each step.
     config.dataset = ml_collections.ConfigDict()
     config.dataset.name = "imagenet2012"
-    config.dataset.data_dir = ""  # TFDS data dir ("" = TFDS's default)
-    config.dataset.train_split = "train"
+    config.dataset.data_dir = ""  # TFDS data dir ("" = TFDS's default); image_folder: its root
+    config.dataset.train_split = "train"  # TFDS split (slices too: "train[:90%]"); or subfolder
     config.dataset.eval_split = "validation"
-    config.dataset.image_size = 224  # train crop and eval crop
+    config.dataset.image_size = 224  # train crop (and eval crop unless eval_image_size is set)
     config.dataset.num_train_examples = 0  # 0: read from the data source
     config.dataset.num_eval_examples = 0
+    # "" = the dataset's own: random_resized_crop for ImageNet-like images, pad_crop_flip for
+    # CIFAR and other images of at most 64 pixels; or flip, none (preprocessing.AUGMENTATIONS).
+    config.dataset.augment = ""
+    config.dataset.crop_area_range = (0.08, 1.0)  # random_resized_crop: fraction of the area
+    config.dataset.crop_aspect_range = (3 / 4, 4 / 3)  # random_resized_crop: width / height
+    config.dataset.flip = True  # random_resized_crop: horizontal flips
+    config.dataset.crop_padding = 4  # pad_crop_flip: zero padding before the random crop
+    config.dataset.color_jitter = 0.4  # brightness, contrast, saturation in 1 +- this; 0: off
+    config.dataset.lighting = 0.1  # std of AlexNet-style PCA lighting noise; 0: off
+    config.dataset.mean = ()  # per channel, on [0, 1]; () = the dataset's (ImageNet's, CIFAR's)
+    config.dataset.std = ()
+    config.dataset.interpolation = "bicubic"  # resizing (fb.resnet.torch's), or "bilinear"
+    config.dataset.eval_image_size = 0  # eval center crop; 0: image_size (Table 5 tests at 320)
+    # random_resized_crop: eval crop / shorter side it is taken from: 224 of 256. 1.0 resizes
+    # the shorter side to the crop (e.g. 320 of 320).
+    config.dataset.eval_crop_fraction = 0.875
+    config.dataset.jpeg_draft = True  # decode JPEGs at 1/2, 1/4, 1/8 scale when a crop allows
+    config.dataset.image_key = ""  # TFDS feature names; "" = the dataset's supervised keys
+    config.dataset.label_key = ""
+    config.dataset.workers = 0  # decoding threads per process; 0: one per CPU core
 
     # 256 images per step over 8 GPUs, 32 per GPU: model.bn_group_size keeps BN at 32 images.
     config.batch_size = 256  # global, over all devices and processes

@@ -7,7 +7,8 @@ A source yields each process's share of every global batch as numpy arrays:
 
 Training batches are a pure function of (seed, step), so a resumed run continues the
 example order it had. Evaluation covers every example exactly once: the last batch is padded
-and its padding masked out. TFDS sources (another module) implement the same interface.
+and its padding masked out. Image sources (TFDS datasets, image folders) implement the same
+interface in resnext_jax/image_pipeline.py and resnext_jax/tfds_pipeline.py.
 """
 
 import gzip
@@ -186,7 +187,9 @@ def _fashion_mnist_from_tfds(augment):
     except ImportError:
         return None
     try:
-        splits = [tfds.data_source("fashion_mnist", split=s) for s in ("train", "test")]
+        splits = [
+            tfds.data_source("fashion_mnist", split=s, download=False) for s in ("train", "test")
+        ]
     except Exception:  # not prepared, or prepared in a format data sources cannot read
         return None
     arrays = [
@@ -210,14 +213,15 @@ def synthetic(image_size, channels, num_classes, num_train, num_eval, seed=0) ->
                           mean=[0.5] * channels, std=[0.25] * channels)  # fmt: skip
 
 
-DATASETS = ("fashion_mnist", "synthetic")
+# Besides these, any TFDS dataset by name (resnext_jax/tfds_pipeline.py).
+DATASETS = ("fashion_mnist", "synthetic", "image_folder")
 
 
 def get_source(config):
     """The data source a training config asks for."""
     ds = config.dataset
     if ds.name == "fashion_mnist":
-        source = fashion_mnist(ds.data_dir, ds.get("augment", "pad_crop_flip"))
+        source = fashion_mnist(ds.data_dir, ds.get("augment") or "pad_crop_flip")
         return source.subset(ds.num_train_examples, ds.num_eval_examples)
     if ds.name == "synthetic":
         return synthetic(
@@ -228,7 +232,17 @@ def get_source(config):
             ds.num_eval_examples or 256,
             seed=config.seed,
         )
-    raise DataError(f"unknown dataset {ds.name!r}; available: {', '.join(DATASETS)}")
+    # Imported here: they import this module, and TFDS takes a while to import.
+    from resnext_jax import image_pipeline, tfds_pipeline
+
+    if ds.name == "image_folder":
+        preprocess = image_pipeline.make_preprocess(ds, channels=3)
+        source = image_pipeline.image_folder(
+            ds.data_dir, ds.train_split, ds.eval_split, preprocess, ds.workers
+        )
+    else:
+        source = tfds_pipeline.tfds_source(config)
+    return source.subset(ds.num_train_examples, ds.num_eval_examples)
 
 
 def prefetch(iterator, size=2):

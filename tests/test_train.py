@@ -9,6 +9,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -274,3 +275,10 @@ def test_init_from_a_variables_checkpoint_replaces_the_head(tmp_path):
     checkpoint.save_variables(tmp_path / "other", variables, wrong)
     with pytest.raises(ValueError, match="holds a different model"):
         train.train_and_evaluate(tiny_config(init_from=str(tmp_path / "other")), tmp_path / "r2")
+
+
+def test_topk_below_k_classes_counts_every_label():
+    logits = jnp.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]])
+    labels = jnp.array([2, 0])
+    assert train.topk_correct(logits, labels, 5).tolist() == [True, True]
+    assert train.topk_correct(logits, labels, 1).tolist() == [False, True]

@@ -256,17 +256,24 @@ def eval_image(item, p: Preprocess, out=None) -> np.ndarray:
 
 
 def _resize_center_crop(image, shorter, crop, interpolation):
-    """Resize the shorter side to `shorter` (aspect kept), then take the central crop x crop."""
+    """Resize the shorter side to `shorter`, then take the central crop x crop.
+
+    The same pixels as torchvision's `Resize(shorter)` + `CenterCrop(crop)` on a PIL image
+    (its long side truncated, its crop offset rounded), so that published weights score here
+    what torchvision reports for them.
+    """
     width, height = image.size
-    scale = shorter / min(width, height)
-    new_w, new_h = max(crop, round(width * scale)), max(crop, round(height * scale))
-    left, top = (new_w - crop) // 2, (new_h - crop) // 2
-    if (new_w, new_h) != (width, height):
-        # Crop and resize in one call: the box is the crop's footprint in the original image.
-        box = (left / scale, top / scale, (left + crop) / scale, (top + crop) / scale)
-        return image.resize((crop, crop), INTERPOLATIONS[interpolation], box=box)
     if (width, height) == (crop, crop):
         return image
+    if width <= height:
+        size = (shorter, int(shorter * height / width))
+    else:
+        size = (int(shorter * width / height), shorter)
+    if size != (width, height):
+        image = image.resize(size, INTERPOLATIONS[interpolation])
+    if min(size) < crop:  # torchvision pads a too-small image with zeros; scale it up instead
+        return image.resize((crop, crop), INTERPOLATIONS[interpolation])
+    left, top = round((size[0] - crop) / 2), round((size[1] - crop) / 2)
     return image.crop((left, top, left + crop, top + crop))
 
 

@@ -84,9 +84,27 @@ def test_eval_resizes_the_shorter_side_and_crops_the_center():
     # Reference: resize to 341x256 (shorter side 224 / 0.875), then the central 224 square.
     resized = PIL.Image.open(io.BytesIO(data)).resize((341, 256), PIL.Image.BICUBIC)
     reference = np.asarray(resized.crop((58, 16, 282, 240)), np.float32) / 255
-    assert np.abs(out - reference).mean() < 2 / 255
+    np.testing.assert_allclose(out, reference, atol=1e-6)
     table5 = pp.Preprocess(eval_image_size=320, eval_crop_fraction=1.0)
     assert table5.eval_resize == 320 and pp.eval_image(data, table5).shape == (320, 320, 3)
+
+
+SHAPES = [(500, 375), (333, 500), (281, 500), (640, 480), (90, 120)]
+
+
+@pytest.mark.parametrize("width,height", SHAPES)
+def test_eval_pixels_are_torchvisions(width, height):
+    """Published weights see what they saw in torchvision's evaluation (Resize + CenterCrop)."""
+    transforms = pytest.importorskip("torchvision.transforms")
+    data = jpeg(width, height, seed=width)
+    p = pp.Preprocess(interpolation="bilinear")
+    reference = transforms.Compose([
+        transforms.Resize(256, interpolation=transforms.InterpolationMode.BILINEAR),
+        transforms.CenterCrop(224),
+        transforms.ToTensor(),
+        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision docs
+    ])(PIL.Image.open(io.BytesIO(data)).convert("RGB"))  # fmt: skip
+    np.testing.assert_allclose(pp.eval_image(data, p), reference.permute(1, 2, 0), atol=1e-5)
 
 
 def test_color_transform_matches_the_steps_it_folds():

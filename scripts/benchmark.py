@@ -223,12 +223,26 @@ def measure(targets, frameworks, args) -> list[dict]:
         for w in workers:
             w.info = w.reply()
         live = [w for w in workers if "na" not in w.info]
-        for w in live:  # compile times are timed: one worker at a time
-            w.info.update(w.call(cmd="setup"))
+
+        def call(w, **message):
+            """A worker that dies (out of memory, say) leaves its row failed, not the table."""
+            try:
+                return w.call(**message)
+            except WorkerError as e:
+                w.info["na"], w.times = f"failed: {e}", []
+                live.remove(w)
+                print(f"benchmark.py: {e}", file=sys.stderr)
+                return None
+
+        for w in list(live):  # compile times are timed: one worker at a time
+            if (info := call(w, cmd="setup")) is not None:
+                w.info.update(info)
         for i, steps in enumerate(round_sizes(args.steps, args.rounds)):
-            for w in live if i % 2 == 0 else live[::-1]:
-                w.times.append(w.call(cmd="run", steps=steps)["seconds"] / steps)
-        return [_row(w, w.call(cmd="finish") if w in live else {}, args) for w in workers]
+            for w in list(live if i % 2 == 0 else live[::-1]):
+                if (done := call(w, cmd="run", steps=steps)) is not None:
+                    w.times.append(done["seconds"] / steps)
+        finish = {w: call(w, cmd="finish") for w in list(live)}
+        return [_row(w, finish.get(w) or {}, args) for w in workers]
     finally:
         for w in workers:
             w.close()

@@ -102,3 +102,37 @@ def test_rounds_and_ratios():
         (1.0, "a"), (None, None), (0.7, "a"), (1.0, "b")
     ]  # fmt: skip
     assert [r["jax_over_torch"] for r in rows] == [None, None, 2.0, 2.0]
+
+
+def test_a_worker_that_dies_fails_its_row_not_the_table(monkeypatch):
+    class FakeWorker:
+        def __init__(self, target, framework, args):
+            self.target, self.framework, self.label = target, framework, target.name
+            self.hello, self.info, self.times = {}, {}, []
+            self.pending = None
+
+        def request(self, **message):
+            self.pending = message
+
+        def reply(self):
+            cmd = (self.pending or {}).get("cmd")
+            if cmd == "run" and self.target.name == "resnext29_8x64d":
+                raise benchmark.WorkerError(f"{self.label}: the worker exited (status -9)")
+            return {"hello": {"device": "cpu", "version": {}}, "build": {}, "setup": {},
+                    "run": {"seconds": 0.5}, "finish": {}}.get(cmd, {"device": "cpu",
+                                                                 "version": {}})  # fmt: skip
+
+        def call(self, **message):
+            self.request(**message)
+            return self.reply()
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(benchmark, "Worker", FakeWorker)
+    args = benchmark._parser().parse_args(["--batch=4", "--steps=2", "--rounds=2"])
+    targets = [benchmark.resolve(name, args) for name in ("resnet18", "resnext29_8x64d")]
+    rows = benchmark.measure(targets, ("jax",), args)
+    assert rows[0]["images_per_sec"] == 8.0 and rows[0]["note"] == ""
+    assert rows[1]["images_per_sec"] is None
+    assert rows[1]["note"] == "failed: resnext29_8x64d: the worker exited (status -9)"

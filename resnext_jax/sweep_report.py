@@ -229,7 +229,11 @@ def complexity_cell(setting: Setting | None) -> str:
 
 
 def _paper_cell(value) -> str:
-    return "-" if value is None else f"{value:g}"
+    """As the paper prints it: one decimal (23.0), two where it has them (Table 7's 3.65)."""
+    if value is None:
+        return "-"
+    text = f"{value:.2f}"
+    return text[:-1] if text.endswith("0") else text
 
 
 def layout(table: list[Setting]):

@@ -202,3 +202,8 @@ def test_flatten_and_differences():
     assert sweeps.flatten({"a": 1, "m": {"b": 2, "c": {"d": 3}}}) == {"a": 1, "m.b": 2,
                                                                       "m.c.d": 3}  # fmt: skip
     assert sweeps.config_differences({"m": {"b": 2}}, {"m": {"b": 3}, "x": 1}) == ["m.b", "x"]
+
+
+def test_paper_figures_print_as_the_paper_prints_them():
+    cells = [sweep_report._paper_cell(v) for v in (23.0, 22.2, 3.65, 17.77, None)]
+    assert cells == ["23.0", "22.2", "3.65", "17.77", "-"]

@@ -14,6 +14,10 @@ a dense conv's at ResNeXt-50's first stage. The alternatives, all selectable by 
     matmul     im2col, then a matmul batched over groups (wide groups)
     xla_wgrad  the native conv with `_weight_grad` for its kernel gradient
 
+Dense 1x1 convs (every bottleneck has two, plus the projection shortcuts) have their own
+`pointwise` path on CPU, one matmul over positions, for the same reason: XLA CPU's kernel
+gradient of a 1x1 conv is a convolution with the whole feature map as its window.
+
 docs/benchmarks.md ("Grouped convolution on XLA CPU") has the measurements behind the rules.
 """
 
@@ -205,6 +209,54 @@ def _with_fast_grads(forward):
     return conv
 
 
+def _pointwise_dot(a, b, contract):
+    return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _pointwise(x, kernel, strides, padding, groups):
+    """A dense 1x1 conv as one matmul over all positions, with matmuls for both gradients.
+
+    XLA CPU computes a 1x1 conv's kernel gradient as a convolution whose window is the whole
+    feature map, 2-4x slower than this matmul over positions (docs/benchmarks.md).
+    """
+    if kernel.shape[:2] != (1, 1) or padding or groups != 1:
+        raise ValueError("pointwise needs an ungrouped 1x1 kernel and no padding")
+    xs = x[:, ::strides, ::strides]
+    n, h, w, c = xs.shape
+    y = _pointwise_dot(xs.reshape(n * h * w, c), kernel.reshape(c, -1), ((1,), (0,)))
+    return y.reshape(n, h, w, -1).astype(x.dtype)
+
+
+def _pointwise_fwd(x, kernel, strides, padding, groups):
+    return _pointwise(x, kernel, strides, padding, groups), (x, kernel)
+
+
+def _pointwise_bwd(strides, padding, groups, residuals, dy):
+    x, kernel = residuals
+    xs = x[:, ::strides, ::strides]
+    n, h, w, c = xs.shape
+    dy2 = dy.reshape(n * h * w, -1)
+    dw = _pointwise_dot(xs.reshape(n * h * w, c), dy2, ((0,), (0,)))
+    dx = _pointwise_dot(dy2, kernel.reshape(c, -1), ((1,), (1,))).reshape(xs.shape)
+    if strides > 1:  # back to the full map: zeros where the stride skipped a position
+        _, full_h, full_w, _ = x.shape
+        dx = jax.lax.pad(
+            dx,
+            jnp.zeros((), dx.dtype),
+            (
+                (0, 0, 0),
+                (0, full_h - 1 - strides * (h - 1), strides - 1),
+                (0, full_w - 1 - strides * (w - 1), strides - 1),
+                (0, 0, 0),
+            ),
+        )
+    return dx.astype(x.dtype), dw.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
+
+
 def _matmul(x, kernel, strides, padding, groups):
     """`_matmul_forward` under plain autodiff: its grads are matmuls over the same patches."""
     return _matmul_forward(x, kernel, strides, _pads(padding), groups)
@@ -222,14 +274,18 @@ IMPLS: dict[str, Callable] = {
 def select_impl(x_shape, kernel_shape, strides, groups, backend=None) -> str:
     """The implementation `auto` picks for this shape on this backend.
 
-    The rules come from scripts/bench_grouped_conv.py on a 2-core x86 CPU (docs/benchmarks.md,
-    fwd+bwd time). Off CPU there is no measurement yet, so XLA's native conv stays the default.
+    The rules come from scripts/bench_grouped_conv.py (`--shapes resnet50_1x1` for 1x1s) on a
+    2-core x86 CPU (docs/benchmarks.md, fwd+bwd time): `pointwise` for dense 1x1 convs,
+    XLA's own conv for the other dense ones. Off CPU there is no measurement yet, so XLA's
+    native conv stays the default there.
     """
     del x_shape, strides
     backend = backend or jax.default_backend()
-    if groups == 1 or backend != "cpu":
-        return "xla"
     kh, kw, group_in, _ = kernel_shape
+    if backend != "cpu":
+        return "xla"
+    if groups == 1:
+        return "pointwise" if (kh, kw) == (1, 1) else "xla"
     # `dense` ties or wins at widths <= 64 too, but its zero blocks would show up in every
     # FLOP count taken from XLA (resnext_jax.stats), so `auto` never picks it.
     if group_in <= 8 and kh * kw * group_in <= 72:  # few enough multiply-adds to fuse well
@@ -241,6 +297,8 @@ def conv2d(x, kernel, *, strides=1, padding=0, groups=1, impl="auto"):
     """2-D convolution of NHWC `x` with an HWIO `kernel` split into `groups` groups."""
     if impl == "auto":
         impl = select_impl(x.shape, kernel.shape, strides, groups)
+    if impl == "pointwise":  # not a grouped-conv impl: `auto`'s choice for dense 1x1 convs
+        return _pointwise(x, kernel, strides, padding, groups)
     if impl not in IMPLS:
         raise ValueError(f"unknown conv impl {impl!r}; choose one of {['auto', *IMPLS]}")
     return IMPLS[impl](x, kernel, strides, padding, groups)
@@ -249,8 +307,9 @@ def conv2d(x, kernel, *, strides=1, padding=0, groups=1, impl="auto"):
 class Conv(nn.Module):
     """Bias-free square conv with symmetric padding k//2 (torchvision's), optionally grouped.
 
-    `impl` chooses how a grouped conv runs; an ungrouped one always takes `auto` (XLA's own
-    conv), so forcing an implementation for a model's grouped 3x3s leaves its dense convs alone.
+    `impl` chooses how a grouped conv runs; an ungrouped one always takes `auto` (on CPU,
+    `pointwise` for 1x1 and XLA's own conv otherwise), so forcing an implementation for a
+    model's grouped 3x3s leaves its dense convs alone.
     """
 
     features: int

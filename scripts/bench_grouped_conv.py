@@ -2,9 +2,12 @@
 
     python scripts/bench_grouped_conv.py --shapes resnext50 --impls shift,matmul,dense
     python scripts/bench_grouped_conv.py --shapes 16x56x56x128:g32:k3:s1 --parts
+    python scripts/bench_grouped_conv.py --shapes resnet50_1x1 --impls pointwise --parts
 
-A shape is NxHxWxWIDTH:gGROUPS[:kK][:sSTRIDE] (a WIDTH->WIDTH conv, padding K//2). Every
-row is timed interleaved with the dense (groups=1) conv of the same width, in one process.
+A shape is NxHxWxWIDTH[:gGROUPS][:kK][:sSTRIDE][:oOUT] (a WIDTH->OUT conv, OUT = WIDTH
+unless given, padding K//2). Every row is timed interleaved with the dense (groups=1) conv
+of the same widths, in one process. `pointwise` (the dense 1x1 path) is timed on k1 g1
+shapes only.
 Columns: forward; input grad (dx) and kernel grad (dw) alone (--parts); fwd+bwd of the conv
 alone; "block": fwd+bwd with a scale+ReLU before and after, as in a ResNeXt block, which is
 what a network sees (XLA fuses neighbours into the conv's ops); the ratio is of "block" to
@@ -44,28 +47,43 @@ SMALL = (
     "128x32x32x64:g2:s1",
     "128x32x32x64:g64:s1",
 )
-SHAPE_SETS = {"resnext50": RESNEXT50, "small": SMALL}
+# The 1x1 convs of ResNet-50 at batch 16, 224 px (ResNeXt-50's are the same at twice the
+# inner width): reduce, expand and the stride-2 projections of stages 2-4.
+RESNET50_1X1 = (
+    "16x56x56x64:k1:o64",
+    "16x56x56x64:k1:o256",
+    "16x56x56x256:k1:o64",
+    "16x56x56x256:k1:o128",
+    "16x56x56x256:k1:s2:o512",
+    "16x28x28x128:k1:o512",
+    "16x28x28x512:k1:o128",
+    "16x14x14x256:k1:o1024",
+    "16x14x14x1024:k1:o256",
+    "16x7x7x512:k1:o2048",
+    "16x7x7x2048:k1:o512",
+)
+SHAPE_SETS = {"resnext50": RESNEXT50, "small": SMALL, "resnet50_1x1": RESNET50_1X1}
 
 
 def parse_shape(spec):
-    """(x_shape, kernel_size, strides, groups) from NxHxWxWIDTH:gG[:kK][:sS]."""
+    """(x_shape, kernel_size, strides, groups, out) from NxHxWxWIDTH[:gG][:kK][:sS][:oO]."""
     dims, *opts = spec.split(":")
-    fields = {"g": 1, "k": 3, "s": 1}
+    fields = {"g": 1, "k": 3, "s": 1, "o": 0}
     for opt in opts:
         if opt[:1] not in fields:
-            raise ValueError(f"bad shape option {opt!r} in {spec!r}; use gN, kN or sN")
+            raise ValueError(f"bad shape option {opt!r} in {spec!r}; use gN, kN, sN or oN")
         fields[opt[0]] = int(opt[1:])
     x_shape = tuple(int(d) for d in dims.split("x"))
     if len(x_shape) != 4:
         raise ValueError(f"bad shape {spec!r}: want NxHxWxWIDTH")
-    return x_shape, fields["k"], fields["s"], fields["g"]
+    return x_shape, fields["k"], fields["s"], fields["g"], fields["o"] or x_shape[-1]
 
 
-def build(impl, x_shape, k, strides, groups, dtype):
+def build(impl, x_shape, k, strides, groups, out, dtype):
     """Jitted fwd, input grad, kernel grad, and fwd+bwd of one conv, with their arguments."""
     width = x_shape[-1]
     x = jax.random.normal(jax.random.key(0), x_shape, dtype)
-    kernel = jax.random.normal(jax.random.key(1), (k, k, width // groups, width), dtype) * 0.05
+    kernel = jax.random.normal(jax.random.key(1), (k, k, width // groups, out), dtype) * 0.05
     fwd = jax.jit(
         lambda x, w: grouped_conv.conv2d(
             x, w, strides=strides, padding=k // 2, groups=groups, impl=impl
@@ -100,10 +118,12 @@ def build(impl, x_shape, k, strides, groups, dtype):
 
 
 def bench_shape(spec, impls, parts, reps, dtype):
-    x_shape, k, strides, groups = parse_shape(spec)
+    x_shape, k, strides, groups, out = parse_shape(spec)
     modes = ["fwd", "dx", "dw", "fwd+bwd", "block"] if parts else ["fwd", "fwd+bwd", "block"]
-    runs = {"dense C=1": build("xla", x_shape, k, strides, 1, dtype)}
-    runs.update({impl: build(impl, x_shape, k, strides, groups, dtype) for impl in impls})
+    if (k, groups) != (1, 1):
+        impls = [i for i in impls if i != "pointwise"]
+    runs = {"dense C=1": build("xla", x_shape, k, strides, 1, out, dtype)}
+    runs.update({i: build(i, x_shape, k, strides, groups, out, dtype) for i in impls})
     for fns, args in runs.values():  # compile and warm up
         for mode in modes:
             jax.block_until_ready(fns[mode](*args))
@@ -115,9 +135,7 @@ def bench_shape(spec, impls, parts, reps, dtype):
                 jax.block_until_ready(fns[mode](*args))
                 times[name, mode].append(time.perf_counter() - start)
     ms = {key: 1e3 * statistics.median(v) for key, v in times.items()}
-    auto = grouped_conv.select_impl(
-        x_shape, (k, k, x_shape[-1] // groups, x_shape[-1]), strides, groups
-    )
+    auto = grouped_conv.select_impl(x_shape, (k, k, x_shape[-1] // groups, out), strides, groups)
     rows = []
     for name in runs:
         cells = [f"{ms[name, m]:.1f}" for m in modes]
@@ -135,7 +153,9 @@ def main():
         help=f"comma-separated shape specs or sets {sorted(SHAPE_SETS)}",
     )
     parser.add_argument(
-        "--impls", default=",".join(grouped_conv.IMPLS), help="comma-separated IMPLS keys"
+        "--impls",
+        default=",".join(grouped_conv.IMPLS),
+        help="comma-separated IMPLS keys, or pointwise (dense 1x1 shapes)",
     )
     parser.add_argument(
         "--parts",
@@ -150,9 +170,10 @@ def main():
     for item in args.shapes.split(","):
         specs.extend(SHAPE_SETS.get(item, (item,)))
     impls = args.impls.split(",")
-    unknown = [i for i in impls if i not in grouped_conv.IMPLS]
+    known = [*grouped_conv.IMPLS, "pointwise"]
+    unknown = [i for i in impls if i not in known]
     if unknown:
-        parser.error(f"unknown impls {unknown}; choose from {list(grouped_conv.IMPLS)}")
+        parser.error(f"unknown impls {unknown}; choose from {known}")
 
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {args.dtype}, ms (median)")
     header = None

@@ -37,6 +37,32 @@ def test_impl_matches_xla(impl, k, strides, width_in, width_out, groups):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(e))))
 
 
+@pytest.mark.parametrize("strides", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(2, 7, 9, 8, 16), (3, 6, 5, 24, 8)])
+def test_pointwise_matches_xla(shape, strides):
+    n, h, w, width_in, width_out = shape
+    x = jax.random.normal(jax.random.key(0), (n, h, w, width_in))
+    kernel = jax.random.normal(jax.random.key(1), (1, 1, width_in, width_out))
+    expected = _loss_and_grads("xla", x, kernel, strides, 1)
+    got = _loss_and_grads("pointwise", x, kernel, strides, 1)
+    for name, e, g in zip(("output", "input grad", "kernel grad"), expected, got, strict=True):
+        assert g.shape == e.shape and g.dtype == e.dtype, name
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(e))))
+
+
+def test_pointwise_keeps_bfloat16_and_refuses_other_kernels():
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 8), jnp.bfloat16)
+    kernel = jax.random.normal(jax.random.key(1), (1, 1, 8, 4), jnp.bfloat16)
+    got = _loss_and_grads("pointwise", x, kernel, 2, 1)
+    ref = _loss_and_grads("xla", x.astype(jnp.float32), kernel.astype(jnp.float32), 2, 1)
+    for g, e in zip(got, ref, strict=True):
+        assert g.dtype == jnp.bfloat16
+        np.testing.assert_allclose(g.astype(jnp.float32), e, atol=0.05 * float(jnp.max(abs(e))))
+    for kernel_shape, groups in [((3, 3, 8, 8), 1), ((1, 1, 2, 8), 4)]:
+        with pytest.raises(ValueError, match="ungrouped 1x1"):
+            conv2d(x, jnp.zeros(kernel_shape), groups=groups, impl="pointwise")
+
+
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_impl_runs_7x7_and_bfloat16(impl):
     x = jax.random.normal(jax.random.key(0), (2, 11, 11, 8), jnp.bfloat16)
@@ -62,6 +88,8 @@ def test_select_impl_picks_a_known_impl(x_shape, groups, strides, backend):
     assert choice in IMPLS
     if groups == 1 or backend != "cpu":
         assert choice == "xla"
+    pointwise = select_impl(x_shape, (1, 1, width, width), strides, 1, backend)
+    assert pointwise == ("pointwise" if backend == "cpu" else "xla")
 
 
 def test_conv_module_kernel_is_hwio_for_every_impl():

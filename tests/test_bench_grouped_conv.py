@@ -1,0 +1,26 @@
+"""scripts/bench_grouped_conv.py: shape specs and the rows it times."""
+
+import importlib.util
+import pathlib
+
+import jax.numpy as jnp
+import pytest
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_grouped_conv.py"
+_spec = importlib.util.spec_from_file_location("bench_grouped_conv", _PATH)
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def test_parse_shape_defaults_and_options():
+    assert bench.parse_shape("16x56x56x128:g32") == ((16, 56, 56, 128), 3, 1, 32, 128)
+    assert bench.parse_shape("16x56x56x256:k1:s2:o512") == ((16, 56, 56, 256), 1, 2, 1, 512)
+    with pytest.raises(ValueError, match="use gN, kN, sN or oN"):
+        bench.parse_shape("16x56x56x256:x3")
+
+
+def test_pointwise_rows_only_on_dense_1x1_shapes():
+    _, rows = bench.bench_shape("2x5x5x8:k1:s2:o12", ["pointwise", "shift"], False, 1, jnp.float32)
+    assert [r.split(" | ")[1] for r in rows] == ["dense C=1", "pointwise (auto)", "shift"]
+    _, rows = bench.bench_shape("2x5x5x8:g2", ["pointwise", "shift"], False, 1, jnp.float32)
+    assert [r.split(" | ")[1] for r in rows] == ["dense C=1", "shift (auto)"]

@@ -22,7 +22,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from resnext_jax import grouped_conv
+from resnext_jax import grouped_conv, runtime
 
 # The 3x3 grouped convs of ResNeXt-50 32x4d at batch 16, 224 px: stage by stage, the
 # stride-2 conv is the first block's of stages 2-4.
@@ -187,4 +187,5 @@ def main():
 
 
 if __name__ == "__main__":
+    runtime.use_tcmalloc()
     main()

@@ -33,7 +33,7 @@ import traceback
 
 import configs
 from configs import default
-from resnext_jax import config_utils, grouped_conv, variants
+from resnext_jax import config_utils, grouped_conv, runtime, variants
 
 MODES = ("train", "infer")
 DTYPES = tuple(variants.DTYPES)
@@ -337,7 +337,7 @@ def markdown(rows, args) -> str:
         f"{', torch channels_last' if torch and args.channels_last else ''}"
         f"{''.join(f', torch threads {t}' for t in threads)}; "
         f"{args.steps} timed steps in {len(round_sizes(args.steps, args.rounds))} rounds after "
-        f"{args.warmup} warm-up; {machine(rows)}; {_versions(torch)}"
+        f"{args.warmup} warm-up; {machine(rows)}, {runtime.allocator()}; {_versions(torch)}"
     )
     columns = ["model", "framework", "impl", "input", "img/s", "vs first", "jax/torch",
                "step ms", "compile s", "peak MB", "XLA MB"]  # fmt: skip
@@ -629,4 +629,5 @@ class TorchBench(_Bench):
 
 
 if __name__ == "__main__":
+    runtime.use_tcmalloc()
     main()

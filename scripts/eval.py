@@ -13,6 +13,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from resnext_jax import runtime
+
 config_flags.DEFINE_config_file("config", None, "config file (dataset, eval batch)",
                                 lock_config=True)  # fmt: skip
 flags.DEFINE_string("workdir", None, "a training work directory: evaluate its latest checkpoint")
@@ -47,4 +49,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    runtime.use_tcmalloc()
     app.run(main)

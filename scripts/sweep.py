@@ -18,7 +18,7 @@ import sys
 
 from absl import app, flags
 
-from resnext_jax import sweeps
+from resnext_jax import runtime, sweeps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,5 +86,6 @@ def main(argv, overrides):
 
 
 if __name__ == "__main__":
+    runtime.use_tcmalloc()
     absl_argv, config_overrides = split_overrides(sys.argv)
     app.run(lambda argv: main(argv, config_overrides), argv=absl_argv)

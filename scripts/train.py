@@ -10,6 +10,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from resnext_jax import runtime
+
 config_flags.DEFINE_config_file("config", None, "training config file", lock_config=True)
 flags.DEFINE_string("workdir", None, "work directory (default: workdirs/<config name>)")
 flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-process runs)")
@@ -43,4 +45,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    runtime.use_tcmalloc()
     app.run(main)

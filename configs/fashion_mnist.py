@@ -31,7 +31,7 @@ def get_config():
     config.dataset.augment = "flip"  # one of input_pipeline.AUGMENTATIONS
     config.batch_size = 128
     config.eval_batch_size = 1000
-    config.num_epochs = 6
+    config.num_epochs = 10  # 7.40% test error in 594 s of training here (README, Training)
     config.learning_rate = 0.1
     config.lr_batch_size = 128
     config.weight_decay = 5e-5

@@ -49,12 +49,10 @@ def use_tcmalloc(search_path=SEARCH_PATH, execv=os.execv) -> None:
     """
     if os.environ.get(OFF_SWITCH, "1") == "0" or not sys.platform.startswith("linux"):
         return
-    preload = os.environ.get("LD_PRELOAD", "")
-    if "tcmalloc" in preload:
-        return
     path = tcmalloc_path(search_path)
-    if path is None:
+    if allocator() == "tcmalloc" or path is None:
         return
+    preload = os.environ.get("LD_PRELOAD", "")
     os.environ["LD_PRELOAD"] = f"{path}:{preload}" if preload else path
     sys.stdout.flush()
     sys.stderr.flush()

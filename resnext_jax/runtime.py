@@ -1,4 +1,4 @@
-"""Start-up of the entry points: run under tcmalloc where it is installed.
+"""How this project runs on XLA CPU: tcmalloc for the entry points, no YNNPACK fusions.
 
 XLA's CPU runtime allocates its buffers afresh at every step. glibc's malloc serves blocks
 above 32 MiB with mmap and unmaps them on free, so every training step faults in its whole
@@ -11,8 +11,17 @@ fixed the isolated case but not the training step.
 `use_tcmalloc()` re-executes the script with tcmalloc in LD_PRELOAD when Debian's
 `libtcmalloc-minimal4` (or another copy of libtcmalloc_minimal.so.4) is installed;
 `RESNEXT_JAX_TCMALLOC=0` turns it off. Child processes inherit the setting.
+
+`compiler_options()` is what every compiled training, evaluation and benchmark step passes to
+`jax.jit`: on CPU it turns off XLA's YNNPACK fusions. jaxlib 0.10 hands convolutions, dots
+and reductions (with the multiply before them) to YNNPACK by default. Alone such a fusion ran
+as fast as XLA's own loops (a batch norm gradient's sum(x * dy) over 16x56x56x256: 3.2 ms),
+but inside ResNet-50's training step the same fusion took 133 ms, and without YNNPACK
+fusions that step took 2.4 s instead of 4.4 s here (docs/benchmarks.md). `RESNEXT_JAX_YNN=1`
+keeps XLA's default.
 """
 
+import functools
 import os
 import sys
 
@@ -57,3 +66,31 @@ def use_tcmalloc(search_path=SEARCH_PATH, execv=os.execv) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+YNN_SWITCH = "RESNEXT_JAX_YNN"
+NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.cache
+def compiler_options() -> dict:
+    """XLA options for this project's jitted steps: top-level `jax.jit(f, compiler_options=...)`.
+
+    On CPU, no YNNPACK fusions (see the module docstring), where this jaxlib knows the option
+    and `RESNEXT_JAX_YNN` is not 1; elsewhere nothing.
+    """
+    import jax
+    import numpy as np
+
+    if os.environ.get(YNN_SWITCH, "0") == "1" or jax.default_backend() != "cpu":
+        return {}
+    try:  # a jaxlib without the option refuses it at compile time
+        jax.jit(lambda x: x + 1, compiler_options=NO_YNN).lower(np.float32(0)).compile()
+    except jax.errors.JaxRuntimeError:
+        return {}
+    return dict(NO_YNN)
+
+
+def xla_cpu_fusions() -> str:
+    """Which fusions XLA CPU compiles with here, in words (for benchmark headers)."""
+    return "XLA CPU without YNNPACK fusions" if compiler_options() else "XLA's default fusions"

@@ -21,7 +21,7 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from resnext_jax import checkpoint, input_pipeline, optim, reporting, stats, variants
+from resnext_jax import checkpoint, input_pipeline, optim, reporting, runtime, stats, variants
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -145,6 +145,7 @@ def evaluate(run: Run, variables) -> dict:
         lambda v, b: eval_step(v, b, run.model.apply),
         in_shardings=(run.replicated, run.data_sharding),
         out_shardings=run.replicated,
+        compiler_options=runtime.compiler_options(),
     )
     sums = None
     for local in run.source.eval_batches(run.config.eval_batch_size):
@@ -339,6 +340,7 @@ def _train(config, workdir, run, manager, state, steps_per_epoch, total_steps) -
         in_shardings=(run.replicated, run.data_sharding),
         out_shardings=(run.replicated, run.replicated),
         donate_argnums=0,
+        compiler_options=runtime.compiler_options(),
     )
     session_start = time.time()
 

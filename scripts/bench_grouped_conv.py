@@ -107,12 +107,14 @@ def build(impl, x_shape, k, strides, groups, out, dtype):
 
         return jax.value_and_grad(f, (0, 1, 2))(x, scale, w)
 
+    # Compiled as the trainer compiles its step (resnext_jax.runtime.compiler_options).
+    jit = partial(jax.jit, compiler_options=runtime.compiler_options())
     fns = {
-        "fwd": lambda x, w, dy: fwd(x, w),
-        "dx": jax.jit(partial(vjp, argnums=(0,))),
-        "dw": jax.jit(partial(vjp, argnums=(1,))),
-        "fwd+bwd": jax.jit(partial(vjp, argnums=(0, 1), with_output=True)),
-        "block": jax.jit(block),
+        "fwd": jit(lambda x, w, dy: fwd(x, w)),
+        "dx": jit(partial(vjp, argnums=(0,))),
+        "dw": jit(partial(vjp, argnums=(1,))),
+        "fwd+bwd": jit(partial(vjp, argnums=(0, 1), with_output=True)),
+        "block": jit(block),
     }
     return fns, (x, kernel, dy)
 
@@ -175,7 +177,10 @@ def main():
     if unknown:
         parser.error(f"unknown impls {unknown}; choose from {known}")
 
-    print(f"jax {jax.__version__}, backend {jax.default_backend()}, {args.dtype}, ms (median)")
+    print(
+        f"jax {jax.__version__}, backend {jax.default_backend()}, {runtime.allocator()}, "
+        f"{runtime.xla_cpu_fusions()}, {args.dtype}, ms (median)"
+    )
     header = None
     for spec in specs:
         modes, rows = bench_shape(spec, impls, args.parts, args.reps, jnp.dtype(args.dtype))

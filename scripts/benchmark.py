@@ -269,6 +269,7 @@ def _row(w, finish, args) -> dict:
         threads=w.info.get("threads"),
         device=w.hello["device"],
         version=w.hello["version"],
+        xla=w.hello.get("xla"),
         steps=args.steps,
         warmup=args.warmup,
         round_step_ms=[1e3 * s for s in w.times],
@@ -337,7 +338,9 @@ def markdown(rows, args) -> str:
         f"{', torch channels_last' if torch and args.channels_last else ''}"
         f"{''.join(f', torch threads {t}' for t in threads)}; "
         f"{args.steps} timed steps in {len(round_sizes(args.steps, args.rounds))} rounds after "
-        f"{args.warmup} warm-up; {machine(rows)}, {runtime.allocator()}; {_versions(torch)}"
+        f"{args.warmup} warm-up; {machine(rows)}, {runtime.allocator()}"
+        f"{''.join(f', {x}' for x in sorted({r['xla'] for r in rows if r.get('xla')}))}; "
+        f"{_versions(torch)}"
     )
     columns = ["model", "framework", "impl", "input", "img/s", "vs first", "jax/torch",
                "step ms", "compile s", "peak MB", "XLA MB"]  # fmt: skip
@@ -471,7 +474,10 @@ class JaxBench(_Bench):
     def hello(self):
         device = self.jax.devices()[0]
         name = "cpu" if device.platform == "cpu" else f"{device.platform}: {device.device_kind}"
-        return {"device": name, "version": f"jax {self.jax.__version__}"}
+        hello = {"device": name, "version": f"jax {self.jax.__version__}"}
+        if device.platform == "cpu":
+            hello["xla"] = runtime.xla_cpu_fusions()
+        return hello
 
     def build(self):
         """The trainer's state and step function on one synthetic batch; nothing compiled yet."""
@@ -486,10 +492,14 @@ class JaxBench(_Bench):
                 in_shardings=(run.replicated, run.data_sharding),
                 out_shardings=(run.replicated, run.replicated),
                 donate_argnums=0,
+                compiler_options=runtime.compiler_options(),
             )
             self.args = [state, batch]
         else:
-            self.fn = jax.jit(lambda v, x: run.model.apply(v, x, train=False))
+            self.fn = jax.jit(
+                lambda v, x: run.model.apply(v, x, train=False),
+                compiler_options=runtime.compiler_options(),
+            )
             self.args = [{"params": state.params, "batch_stats": state.batch_stats}, batch["image"]]
         impl = config.model.conv_impl
         impls = ",".join(conv_impls(run.model, (1, *self.target.input_shape)))

@@ -58,3 +58,38 @@ def test_a_script_runs_under_tcmalloc_where_installed(tmp_path):
                          capture_output=True, text=True).stdout  # fmt: skip
     expected = "tcmalloc" if runtime.tcmalloc_path() else "system malloc"
     assert out == f"{expected} ['--flag=1']\n"
+
+
+def _compiled_text(fn, *args, options):
+    import jax
+
+    return jax.jit(fn, compiler_options=options).lower(*args).compile().as_text()
+
+
+def test_compiler_options_turn_off_ynnpack_fusions_on_cpu():
+    import jax
+    import jax.numpy as jnp
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the option only changes XLA CPU")
+    x = jnp.ones((512, 128))  # YNNPACK takes reductions above some size only
+
+    def bn_sum(x):  # a batch norm gradient's sum(x * dy), which XLA CPU hands to YNNPACK
+        return jnp.sum(x * (x + 1), axis=0)
+
+    options = runtime.compiler_options()
+    assert options == runtime.NO_YNN
+    assert "__ynn_fusion" not in _compiled_text(bn_sum, x, options=options)
+    # If XLA stops making YNNPACK fusions by default, this option (and its docs) are moot.
+    assert "__ynn_fusion" in _compiled_text(bn_sum, x, options={})
+    assert runtime.xla_cpu_fusions() == "XLA CPU without YNNPACK fusions"
+
+
+def test_ynn_switch_keeps_xla_default(monkeypatch):
+    monkeypatch.setenv(runtime.YNN_SWITCH, "1")
+    runtime.compiler_options.cache_clear()
+    try:
+        assert runtime.compiler_options() == {}
+        assert runtime.xla_cpu_fusions() == "XLA's default fusions"
+    finally:
+        runtime.compiler_options.cache_clear()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from resnext_jax import input_pipeline, reporting, train, variants
+from resnext_jax import input_pipeline, reporting, runtime, train, variants
 
 
 def tiny_config(**overrides):
@@ -89,6 +89,24 @@ def test_resume_matches_an_uninterrupted_run(straight_run, tmp_path):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
     steps = [r["step"] for r in reporting.read_metrics(halves) if r["split"] == "train"]
     assert steps == [2, 3, 4, 6, 8]  # rows of the first run up to its checkpoint, then on
+
+
+def test_train_and_eval_steps_compile_with_the_runtime_options(tmp_path, monkeypatch):
+    """Both steps pass runtime.compiler_options() (on CPU: no YNNPACK fusions) to jax.jit."""
+    jitted = []
+    real_jit = jax.jit
+
+    def recording_jit(fn, **kwargs):
+        jitted.append(kwargs)
+        return real_jit(fn, **kwargs)
+
+    monkeypatch.setattr(train.jax, "jit", recording_jit)
+    train.train_and_evaluate(tiny_config(max_steps=1), tmp_path)
+    steps = [kw for kw in jitted if "in_shardings" in kw]  # the train step and the eval step
+    assert len(steps) == 2
+    assert all(kw.get("compiler_options") == runtime.compiler_options() for kw in steps)
+    if jax.default_backend() == "cpu":
+        assert runtime.compiler_options() == runtime.NO_YNN
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):

@@ -11,8 +11,8 @@ a dense conv's at ResNeXt-50's first stage. The alternatives, all selectable by 
 
     dense      one dense conv with the block-diagonal kernel (not picked by `auto`)
     shift      kh*kw*in/groups fused multiply-adds of shifted inputs (narrow groups)
-    matmul     im2col, then a matmul batched over groups (wide groups)
-    xla_wgrad  the native conv with `_weight_grad` for its kernel gradient
+    matmul     im2col, then a matmul batched over groups (not picked by `auto`)
+    xla_wgrad  the native conv with `_weight_grad` for its kernel gradient (wide groups)
 
 Dense 1x1 convs (every bottleneck has two, plus the projection shortcuts) have their own
 `pointwise` path on CPU, one matmul over positions, for the same reason: XLA CPU's kernel
@@ -274,12 +274,15 @@ IMPLS: dict[str, Callable] = {
 def select_impl(x_shape, kernel_shape, strides, groups, backend=None) -> str:
     """The implementation `auto` picks for this shape on this backend.
 
-    The rules come from scripts/bench_grouped_conv.py (`--shapes resnet50_1x1` for 1x1s) on a
-    2-core x86 CPU (docs/benchmarks.md, fwd+bwd time): `pointwise` for dense 1x1 convs,
-    XLA's own conv for the other dense ones. Off CPU there is no measurement yet, so XLA's
-    native conv stays the default there.
+    The rules come from scripts/bench_grouped_conv.py on a 2-core x86 CPU with YNNPACK's
+    fusions off (`runtime.compiler_options`; docs/benchmarks.md, the "block" column):
+    `pointwise` for dense 1x1 convs, XLA's own conv for the other dense ones; for grouped
+    convs `shift` at narrow groups (in/groups <= 8, where XLA's native grouped conv is slow:
+    ResNeXt-50 32x4d's 56x56 stage at 2.2x `shift`'s time, depthwise worse), and at
+    in/groups <= 16 on stride-1 maps of 56x56 or more (8x14d's first stage); `xla_wgrad`
+    everywhere else (0.2-0.9x a dense conv's time from in/groups = 16 up). Off CPU there is
+    no measurement yet, so XLA's native conv stays the default there.
     """
-    del x_shape, strides
     backend = backend or jax.default_backend()
     kh, kw, group_in, _ = kernel_shape
     if backend != "cpu":
@@ -287,10 +290,15 @@ def select_impl(x_shape, kernel_shape, strides, groups, backend=None) -> str:
     if groups == 1:
         return "pointwise" if (kh, kw) == (1, 1) else "xla"
     # `dense` ties or wins at widths <= 64 too, but its zero blocks would show up in every
-    # FLOP count taken from XLA (resnext_jax.stats), so `auto` never picks it.
-    if group_in <= 8 and kh * kw * group_in <= 72:  # few enough multiply-adds to fuse well
+    # FLOP count taken from XLA (resnext_jax.stats), so `auto` never picks it; `matmul`
+    # lost to `xla_wgrad` at every shape once YNNPACK's fusions were off.
+    taps = kh * kw * group_in  # multiply-adds per output of `shift`'s fused loop body
+    if group_in <= 8 and taps <= 72:
         return "shift"
-    return "matmul"
+    large_map = min(x_shape[1:3]) >= 56
+    if group_in <= 16 and taps <= 144 and large_map and strides == 1:
+        return "shift"
+    return "xla_wgrad"
 
 
 def conv2d(x, kernel, *, strides=1, padding=0, groups=1, impl="auto"):

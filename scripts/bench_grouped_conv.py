@@ -35,6 +35,20 @@ RESNEXT50 = (
     "16x14x14x1024:g32:s2",
     "16x7x7x1024:g32:s1",
 )
+# The same convs for the other Table 3 settings at depth 50 (2x40d, 4x24d, 8x14d).
+TABLE3 = tuple(
+    f"16x{size}x{size}x{width * scale}:g{groups}:s{stride}"
+    for groups, width in ((2, 80), (4, 96), (8, 112))
+    for size, scale, stride in (
+        (56, 1, 1),
+        (56, 2, 2),
+        (28, 2, 1),
+        (28, 4, 2),
+        (14, 4, 1),
+        (14, 8, 2),
+        (7, 8, 1),
+    )
+)
 # Fashion-MNIST / CIFAR-sized ResNeXts at batch 128, and the depthwise extreme.
 SMALL = (
     "128x28x28x64:g8:s1",
@@ -62,7 +76,12 @@ RESNET50_1X1 = (
     "16x7x7x512:k1:o2048",
     "16x7x7x2048:k1:o512",
 )
-SHAPE_SETS = {"resnext50": RESNEXT50, "small": SMALL, "resnet50_1x1": RESNET50_1X1}
+SHAPE_SETS = {
+    "resnext50": RESNEXT50,
+    "table3": TABLE3,
+    "small": SMALL,
+    "resnet50_1x1": RESNET50_1X1,
+}
 
 
 def parse_shape(spec):

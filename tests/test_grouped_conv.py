@@ -78,16 +78,22 @@ def test_impl_runs_7x7_and_bfloat16(impl):
 
 @pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
 @pytest.mark.parametrize(
-    "x_shape,groups,strides",
-    [((16, 56, 56, 128), 1, 1), ((16, 56, 56, 128), 32, 1), ((16, 14, 14, 1024), 32, 2),
-     ((128, 28, 28, 64), 8, 1), ((128, 32, 32, 64), 64, 1), ((128, 32, 32, 64), 2, 1)],
+    "x_shape,groups,strides,on_cpu",
+    [((16, 56, 56, 128), 1, 1, "xla"),
+     ((16, 56, 56, 128), 32, 1, "shift"),      # 32x4d stage 1: in/groups 4
+     ((16, 56, 56, 112), 8, 1, "shift"),       # 8x14d stage 1: in/groups 14
+     ((16, 56, 56, 224), 8, 2, "xla_wgrad"),   # 8x14d stage 2, first block
+     ((16, 14, 14, 1024), 32, 2, "xla_wgrad"),
+     ((128, 28, 28, 64), 8, 1, "shift"),
+     ((128, 32, 32, 64), 64, 1, "shift"),      # depthwise
+     ((128, 32, 32, 64), 2, 1, "xla_wgrad")],
 )  # fmt: skip
-def test_select_impl_picks_a_known_impl(x_shape, groups, strides, backend):
+def test_select_impl_follows_the_measured_rules(x_shape, groups, strides, on_cpu, backend):
+    """The choices docs/benchmarks.md's tables give for these shapes; XLA off CPU."""
     width = x_shape[-1]
     choice = select_impl(x_shape, (3, 3, width // groups, width), strides, groups, backend)
     assert choice in IMPLS
-    if groups == 1 or backend != "cpu":
-        assert choice == "xla"
+    assert choice == (on_cpu if backend == "cpu" else "xla")
     pointwise = select_impl(x_shape, (1, 1, width, width), strides, 1, backend)
     assert pointwise == ("pointwise" if backend == "cpu" else "xla")
 

@@ -279,7 +279,8 @@ def select_impl(x_shape, kernel_shape, strides, groups, backend=None) -> str:
     `pointwise` for dense 1x1 convs, XLA's own conv for the other dense ones; for grouped
     convs `shift` at narrow groups (in/groups <= 8, where XLA's native grouped conv is slow:
     ResNeXt-50 32x4d's 56x56 stage at 2.3x `shift`'s time, depthwise worse), and at
-    in/groups <= 16 on stride-1 maps of 56x56 or more (8x14d's first stage); `xla_wgrad`
+    in/groups <= 16 on stride-1 maps of 56x56 or more with at most 128 channels (8x14d's
+    first stage); `xla_wgrad`
     everywhere else (0.1-1.0x a dense conv's time from in/groups = 16 up). Off CPU there is
     no measurement yet, so XLA's native conv stays the default there.
     """
@@ -291,12 +292,13 @@ def select_impl(x_shape, kernel_shape, strides, groups, backend=None) -> str:
         return "pointwise" if (kh, kw) == (1, 1) else "xla"
     # `dense` ties or wins at widths <= 64 too, but its zero blocks would show up in every
     # FLOP count taken from XLA (resnext_jax.stats), so `auto` never picks it; `matmul`
-    # was nowhere more than 5% faster than `xla_wgrad` once YNNPACK's fusions were off.
+    # was never more than about 6% faster than `xla_wgrad` once YNNPACK's fusions were off.
     taps = kh * kw * group_in  # multiply-adds per output of `shift`'s fused loop body
     if group_in <= 8 and taps <= 72:
         return "shift"
     large_map = min(x_shape[1:3]) >= 56
-    if group_in <= 16 and taps <= 144 and large_map and strides == 1:
+    narrow = x_shape[3] <= 128  # at 56x56, in/groups 16 lost on 192 and 256 channels
+    if group_in <= 16 and taps <= 144 and large_map and narrow and strides == 1:
         return "shift"
     return "xla_wgrad"
 

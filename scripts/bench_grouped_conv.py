@@ -196,9 +196,11 @@ def main():
     if unknown:
         parser.error(f"unknown impls {unknown}; choose from {known}")
 
+    on_cpu = jax.default_backend() == "cpu"
+    fusions = f"{runtime.xla_cpu_fusions()}, " if on_cpu else ""
     print(
         f"jax {jax.__version__}, backend {jax.default_backend()}, {runtime.allocator()}, "
-        f"{runtime.xla_cpu_fusions()}, {args.dtype}, ms (median)"
+        f"{fusions}{args.dtype}, ms (median)"
     )
     header = None
     for spec in specs:

@@ -83,6 +83,12 @@ def test_impl_runs_7x7_and_bfloat16(impl):
      ((16, 56, 56, 128), 32, 1, "shift"),      # 32x4d stage 1: in/groups 4
      ((16, 56, 56, 112), 8, 1, "shift"),       # 8x14d stage 1: in/groups 14
      ((16, 56, 56, 224), 8, 2, "xla_wgrad"),   # 8x14d stage 2, first block
+     ((16, 56, 56, 112), 8, 2, "xla_wgrad"),   # in/groups 14, stride 2
+     ((16, 28, 28, 112), 8, 1, "xla_wgrad"),   # in/groups 14 on a smaller map
+     ((16, 56, 56, 128), 8, 1, "shift"),       # in/groups 16, 128 channels: a tie
+     ((16, 56, 56, 256), 16, 1, "xla_wgrad"),  # in/groups 16, 256 channels
+     ((16, 56, 56, 192), 12, 1, "xla_wgrad"),  # in/groups 16, 192 channels
+     ((16, 56, 56, 96), 8, 1, "shift"),        # in/groups 12, 96 channels
      ((16, 14, 14, 1024), 32, 2, "xla_wgrad"),
      ((128, 28, 28, 64), 8, 1, "shift"),
      ((128, 32, 32, 64), 64, 1, "shift"),      # depthwise

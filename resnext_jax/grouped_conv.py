@@ -280,9 +280,8 @@ def select_impl(x_shape, kernel_shape, strides, groups, backend=None) -> str:
     convs `shift` at narrow groups (in/groups <= 8, where XLA's native grouped conv is slow:
     ResNeXt-50 32x4d's 56x56 stage at 2.3x `shift`'s time, depthwise worse), and at
     in/groups <= 16 on stride-1 maps of 56x56 or more with at most 128 channels (8x14d's
-    first stage); `xla_wgrad`
-    everywhere else (0.1-1.0x a dense conv's time from in/groups = 16 up). Off CPU there is
-    no measurement yet, so XLA's native conv stays the default there.
+    first stage); `xla_wgrad` everywhere else (0.1-1.0x a dense conv's time from in/groups
+    = 16 up). Off CPU there is no measurement yet, so XLA's native conv stays the default.
     """
     backend = backend or jax.default_backend()
     kh, kw, group_in, _ = kernel_shape

@@ -9,10 +9,15 @@ they replace, and their kernel gradient (a `batch_group_count` conv) about 60x s
 a dense conv's at ResNeXt-50's first stage. The alternatives, all selectable by name
 (`select_impl` picks on CPU):
 
+    onednn     oneDNN's JIT conv kernels as XLA custom calls (resnext_jax.onednn), the
+               library PyTorch's CPU convs use; `auto`'s pick wherever it is built
     dense      one dense conv with the block-diagonal kernel (not picked by `auto`)
     shift      kh*kw*in/groups fused multiply-adds of shifted inputs (narrow groups)
     matmul     im2col, then a matmul batched over groups (not picked by `auto`)
     xla_wgrad  the native conv with `_weight_grad` for its kernel gradient (wide groups)
+
+`auto` picks per backend and shape; `xla_auto` picks the same way among the XLA
+formulations only (what `auto` does where oneDNN cannot run).
 
 Dense 1x1 convs (every bottleneck has two, plus the projection shortcuts) have their own
 `pointwise` path on CPU, one matmul over positions, for the same reason: XLA CPU's kernel
@@ -28,6 +33,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from resnext_jax import onednn
 
 # He init with fan-out, as in the paper's code and torchvision (kaiming_normal_, mode="fan_out").
 he_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -257,6 +264,35 @@ def _pointwise_bwd(strides, padding, groups, residuals, dy):
 _pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _onednn(x, kernel, strides, padding, groups):
+    """oneDNN's conv and its two gradients as XLA FFI custom calls (resnext_jax.onednn).
+
+    oneDNN runs in float32 here; other dtypes are cast to it and back, as `shift` also
+    accumulates in float32.
+    """
+    f32 = jnp.float32
+    return onednn.forward(x.astype(f32), kernel.astype(f32), strides, padding, groups).astype(
+        x.dtype
+    )
+
+
+def _onednn_fwd(x, kernel, strides, padding, groups):
+    return _onednn(x, kernel, strides, padding, groups), (x, kernel)
+
+
+def _onednn_bwd(strides, padding, groups, residuals, dy):
+    x, kernel = residuals
+    f32 = jnp.float32
+    x32, k32, dy32 = x.astype(f32), kernel.astype(f32), dy.astype(f32)
+    dx = onednn.input_grad(dy32, k32, x.shape, strides, padding, groups)
+    dw = onednn.kernel_grad(x32, dy32, kernel.shape, strides, padding, groups)
+    return dx.astype(x.dtype), dw.astype(kernel.dtype)
+
+
+_onednn.defvjp(_onednn_fwd, _onednn_bwd)
+
+
 def _matmul(x, kernel, strides, padding, groups):
     """`_matmul_forward` under plain autodiff: its grads are matmuls over the same patches."""
     return _matmul_forward(x, kernel, strides, _pads(padding), groups)
@@ -268,20 +304,37 @@ IMPLS: dict[str, Callable] = {
     "shift": _with_fast_grads(_shift_forward),
     "matmul": _matmul,
     "xla_wgrad": _with_fast_grads(_native_conv),
+    "onednn": _onednn,
 }
 
 
-def select_impl(x_shape, kernel_shape, strides, groups, backend=None) -> str:
+AUTO = ("auto", "xla_auto")  # the two choosers; `xla_auto` never picks `onednn`
+CHOICES = (*AUTO, *IMPLS)
+
+
+def onednn_usable() -> bool:
+    """Whether `auto` may pick `onednn`: it is built and loaded, and JAX sees one device.
+
+    XLA cannot split a custom call over a device mesh; it would run every device's share
+    of the batch on each device, so with several devices `auto` keeps to XLA's convs.
+    """
+    return onednn.available() and jax.device_count() == 1
+
+
+def select_impl(x_shape, kernel_shape, strides, groups, backend=None, use_onednn=None) -> str:
     """The implementation `auto` picks for this shape on this backend.
 
     The rules come from scripts/bench_grouped_conv.py on a 2-core x86 CPU with YNNPACK's
-    fusions off (`runtime.compiler_options`; docs/benchmarks.md, the "block" column):
-    `pointwise` for dense 1x1 convs, XLA's own conv for the other dense ones; for grouped
-    convs `shift` at narrow groups (in/groups <= 8, where XLA's native grouped conv is slow:
-    ResNeXt-50 32x4d's 56x56 stage at 2.3x `shift`'s time, depthwise worse), and at
-    in/groups <= 16 on stride-1 maps of 56x56 or more with at most 128 channels (8x14d's
-    first stage); `xla_wgrad` everywhere else (0.1-1.0x a dense conv's time from in/groups
-    = 16 up). Off CPU there is no measurement yet, so XLA's native conv stays the default.
+    fusions off (`runtime.compiler_options`; docs/benchmarks.md, the "block" column).
+    Dense convs: `pointwise` for 1x1, XLA's own conv otherwise. Grouped convs: `onednn`
+    wherever it can run (`use_onednn`, default `onednn_usable()`): 0.06-0.25x a dense conv's
+    time at every ResNeXt-50 32x4d shape, 1.7-8x faster than the best XLA formulation.
+    Without it (`xla_auto`), `shift` at narrow groups (in/groups <= 8, where XLA's native
+    grouped conv is slow: ResNeXt-50 32x4d's 56x56 stage at 2.3x `shift`'s time, depthwise
+    worse), and at in/groups <= 16 on stride-1 maps of 56x56 or more with at most 128
+    channels (8x14d's first stage); `xla_wgrad` everywhere else (0.1-1.0x a dense conv's
+    time from in/groups = 16 up). Off CPU there is no measurement yet, so XLA's native conv
+    stays the default.
     """
     backend = backend or jax.default_backend()
     kh, kw, group_in, _ = kernel_shape
@@ -289,6 +342,8 @@ def select_impl(x_shape, kernel_shape, strides, groups, backend=None) -> str:
         return "xla"
     if groups == 1:
         return "pointwise" if (kh, kw) == (1, 1) else "xla"
+    if onednn_usable() if use_onednn is None else use_onednn:
+        return "onednn"
     # `dense` ties or wins at widths <= 64 too, but its zero blocks would show up in every
     # FLOP count taken from XLA (resnext_jax.stats), so `auto` never picks it; `matmul`
     # was never more than about 6% faster than `xla_wgrad` once YNNPACK's fusions were off.
@@ -304,12 +359,13 @@ def select_impl(x_shape, kernel_shape, strides, groups, backend=None) -> str:
 
 def conv2d(x, kernel, *, strides=1, padding=0, groups=1, impl="auto"):
     """2-D convolution of NHWC `x` with an HWIO `kernel` split into `groups` groups."""
-    if impl == "auto":
-        impl = select_impl(x.shape, kernel.shape, strides, groups)
+    if impl in AUTO:
+        use_onednn = False if impl == "xla_auto" else None
+        impl = select_impl(x.shape, kernel.shape, strides, groups, use_onednn=use_onednn)
     if impl == "pointwise":  # not a grouped-conv impl: `auto`'s choice for dense 1x1 convs
         return _pointwise(x, kernel, strides, padding, groups)
     if impl not in IMPLS:
-        raise ValueError(f"unknown conv impl {impl!r}; choose one of {['auto', *IMPLS]}")
+        raise ValueError(f"unknown conv impl {impl!r}; choose one of {list(CHOICES)}")
     return IMPLS[impl](x, kernel, strides, padding, groups)
 
 

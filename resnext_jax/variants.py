@@ -10,6 +10,7 @@ import re
 import jax.numpy as jnp
 import ml_collections
 
+from resnext_jax import grouped_conv
 from resnext_jax.models import BLOCK_FORMS, ResNet, group_width
 
 # Blocks per stage for the ImageNet networks (Table 1 of the paper; He et al. 2016).
@@ -172,7 +173,8 @@ def block_type(config) -> str:
 def validate(config) -> None:
     """Raise a ValueError that names the allowed values if `config` describes no valid model."""
     for field, allowed in (("stem", STEMS), ("block", BLOCKS), ("form", BLOCK_FORMS),
-                           ("dtype", tuple(DTYPES))):  # fmt: skip
+                           ("dtype", tuple(DTYPES)),
+                           ("conv_impl", grouped_conv.CHOICES)):  # fmt: skip
         if config[field] not in allowed:
             raise ValueError(f"model.{field}={config[field]!r}; choose one of {allowed}")
     sizes = stage_sizes(config)

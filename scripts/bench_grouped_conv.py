@@ -11,7 +11,8 @@ shapes only.
 Columns: forward; input grad (dx) and kernel grad (dw) alone (--parts); fwd+bwd of the conv
 alone; "block": fwd+bwd with a scale+ReLU before and after, as in a ResNeXt block, which is
 what a network sees (XLA fuses neighbours into the conv's ops); the ratio is of "block" to
-the dense conv's. "(auto)" marks the impl `select_impl` picks.
+the dense conv's. "(auto)" marks the impl `select_impl` picks, "(xla_auto)" its pick among
+the XLA formulations where that differs (`auto` without oneDNN).
 """
 
 import argparse
@@ -22,7 +23,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from resnext_jax import grouped_conv, runtime
+from resnext_jax import grouped_conv, onednn, runtime
 
 # The 3x3 grouped convs of ResNeXt-50 32x4d at batch 16, 224 px: stage by stage, the
 # stride-2 conv is the first block's of stages 2-4.
@@ -156,12 +157,14 @@ def bench_shape(spec, impls, parts, reps, dtype):
                 jax.block_until_ready(fns[mode](*args))
                 times[name, mode].append(time.perf_counter() - start)
     ms = {key: 1e3 * statistics.median(v) for key, v in times.items()}
-    auto = grouped_conv.select_impl(x_shape, (k, k, x_shape[-1] // groups, out), strides, groups)
+    kernel = (k, k, x_shape[-1] // groups, out)
+    auto = grouped_conv.select_impl(x_shape, kernel, strides, groups)
+    xla_auto = grouped_conv.select_impl(x_shape, kernel, strides, groups, use_onednn=False)
     rows = []
     for name in runs:
         cells = [f"{ms[name, m]:.1f}" for m in modes]
         ratio = ms[name, "block"] / ms["dense C=1", "block"]
-        mark = " (auto)" if name == auto else ""
+        mark = " (auto)" if name == auto else " (xla_auto)" if name == xla_auto else ""
         rows.append(f"| {spec} | {name}{mark} | " + " | ".join(cells) + f" | {ratio:.2f} |")
     return modes, rows
 
@@ -176,7 +179,8 @@ def main():
     parser.add_argument(
         "--impls",
         default=",".join(grouped_conv.IMPLS),
-        help="comma-separated IMPLS keys, or pointwise (dense 1x1 shapes)",
+        help="comma-separated IMPLS keys, or pointwise (dense 1x1 shapes); by default all, "
+        "less onednn where it is not built",
     )
     parser.add_argument(
         "--parts",
@@ -195,6 +199,12 @@ def main():
     unknown = [i for i in impls if i not in known]
     if unknown:
         parser.error(f"unknown impls {unknown}; choose from {known}")
+    if "onednn" in impls and not onednn.available():
+        reason = f"onednn is unavailable: {onednn.unavailable_reason()}"
+        if args.impls != parser.get_default("impls"):
+            parser.error(reason)
+        print(f"({reason}; left out)")
+        impls.remove("onednn")
 
     on_cpu = jax.default_backend() == "cpu"
     fusions = f"{runtime.xla_cpu_fusions()}, " if on_cpu else ""

@@ -2,19 +2,24 @@
 
     python scripts/benchmark.py --models=resnet50,resnext50_32x4d --batch=16 --mode=train --torch
     python scripts/benchmark.py --models=fashion_mnist,resnext29_8x64d --mode=infer --format=json
+    python scripts/benchmark.py --models=resnext50_32x4d --impl=auto,xla_auto,shift
+
+`--impl` sets the grouped convs' implementation (resnext_jax.grouped_conv); with several, each
+model is timed once per implementation, side by side, and torch once beside the first.
 
 A model is a variant name (`resnet50`, `resnext50_2x40d`, `resnext29_8x64d`, `_tiny_resnext`)
 or a config (`fashion_mnist`, `cifar:model=resnext29_16x64d`, `configs/table3.py:depth=101`):
 a config brings its model, input size and optimizer. Input size: `--res`, else the config's,
 else 224 for ImageNet-stem models and 32 for CIFAR-stem ones.
 
-Each (model, framework) pair runs in a fresh worker process, so compile caches, allocator
-pools and peak-memory counters of one never reach another. The parent runs the workers in
-rounds, each round a block of steps from every worker in turn (reversed every other round),
-so that load on a shared machine hits every row alike; a row's step time is the median over
-rounds of (round time / steps in it). Train mode times resnext_jax.train.train_step (forward,
-loss, backward, SGD momentum update, BN statistics), jitted as the trainer does; torch runs
-the same SGD settings (lr, momentum, Nesterov, weight decay). Infer is an eval-mode forward.
+Each (model, implementation, framework) row runs in a fresh worker process, so compile caches,
+allocator pools and peak-memory counters of one never reach another. The parent runs the
+workers in rounds, each round a block of steps from every worker in turn (reversed every other
+round), so that load on a shared machine hits every row alike; a row's step time is the median
+over rounds of (round time / steps in it). Train mode times resnext_jax.train.train_step
+(forward, loss, backward, SGD momentum update, BN statistics), jitted as the trainer does;
+torch runs the same SGD settings (lr, momentum, Nesterov, weight decay). Infer is an
+eval-mode forward.
 """
 
 import argparse
@@ -37,7 +42,6 @@ from resnext_jax import config_utils, grouped_conv, runtime, variants
 
 MODES = ("train", "infer")
 DTYPES = tuple(variants.DTYPES)
-IMPLS = ("auto", *grouped_conv.IMPLS)
 FORMATS = ("markdown", "json")
 MB = 2**20
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -51,8 +55,11 @@ def main(argv=None):
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1 or args.batch < 1:
         parser.error("--steps, --rounds and --batch must be >= 1, --warmup >= 0")
     specs = _split_models(args.models)
+    impls = args.impl.split(",")
+    if unknown := [i for i in impls if i not in grouped_conv.CHOICES]:
+        parser.error(f"--impl: unknown {unknown}; choose from {list(grouped_conv.CHOICES)}")
     try:
-        targets = [resolve(spec, args) for spec in specs]
+        targets = [resolve(spec, args, impl) for spec in specs for impl in impls]
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     if args.torch and importlib.util.find_spec("torchvision") is None:
@@ -76,7 +83,12 @@ def _parser():
     add("--mode", choices=MODES, default="train")
     add("--batch", type=int, default=16)
     add("--res", type=int, default=0, help="input size (0: each model's own)")
-    add("--impl", choices=IMPLS, default="auto", help="model.conv_impl (grouped convs only)")
+    add(
+        "--impl",
+        default="auto",
+        help="model.conv_impl (grouped convs only), by commas to time several side by side: "
+        + ", ".join(grouped_conv.CHOICES),
+    )
     add("--dtype", choices=DTYPES, default="float32", help="compute dtype; params stay float32")
     add("--torch", action="store_true", help="also time torchvision's model of the same layers")
     add("--channels-last", action="store_true", help="torch: channels_last memory format")
@@ -105,6 +117,7 @@ class Target:
     name: str
     config: object  # ml_collections.ConfigDict: model, optimizer, synthetic dataset, batch
     res: int
+    first_impl: bool = True  # torch is timed once per model, beside its first --impl
 
     @property
     def input_shape(self):
@@ -122,8 +135,13 @@ def _split_models(text):
     return specs
 
 
-def resolve(spec: str, args) -> Target:
-    """A variant name or a config (a path, or a file of configs/ by name) as a Target."""
+def resolve(spec: str, args, impl: str | None = None) -> Target:
+    """A variant name or a config (a path, or a file of configs/ by name) as a Target.
+
+    `impl` is the grouped convs' implementation, by default the first of `args.impl`.
+    """
+    first = args.impl.split(",")[0]
+    impl = impl or first
     path, _, config_args = spec.partition(":")
     config_dir = pathlib.Path(configs.__file__).parent
     if path.endswith(".py"):
@@ -143,7 +161,7 @@ def resolve(spec: str, args) -> Target:
             config.dataset.image_size = 224 if model.stem == "imagenet" else 32
     res = args.res or config.dataset.image_size
     config.model.dtype = args.dtype
-    config.model.conv_impl = args.impl
+    config.model.conv_impl = impl
     config.dataset.name = "synthetic"
     config.dataset.image_size = res
     config.dataset.num_train_examples = args.batch
@@ -151,7 +169,7 @@ def resolve(spec: str, args) -> Target:
     config.batch_size = args.batch
     config.eval_batch_size = args.batch
     variants.validate(config.model)
-    return Target(spec, config, res)
+    return Target(spec, config, res, impl == first)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +195,8 @@ class Worker:
         argv = [sys.executable, os.path.abspath(__file__), "--worker"]
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env)  # fmt: skip
-        self.request(framework=framework, spec=target.name, args=vars(args))
+        impl = target.config.model.conv_impl
+        self.request(framework=framework, spec=target.name, impl=impl, args=vars(args))
 
     def request(self, **message):
         self.proc.stdin.write(json.dumps(message) + "\n")
@@ -214,7 +233,9 @@ def round_sizes(steps: int, rounds: int) -> list[int]:
 
 def measure(targets, frameworks, args) -> list[dict]:
     """One row per (target, framework): build all at once, compile one at a time, then rounds."""
-    workers = [Worker(t, f, args) for t in targets for f in frameworks]
+    workers = [
+        Worker(t, f, args) for t in targets for f in frameworks if f == "jax" or t.first_impl
+    ]
     try:
         for w in workers:
             w.hello = w.reply()
@@ -282,7 +303,11 @@ def _row(w, finish, args) -> dict:
 
 
 def add_ratios(rows):
-    """Each row's img/s over the first measured model's of its framework, and jax over torch."""
+    """Each row's img/s over the first measured model's of its framework, and jax over torch.
+
+    A jax row is compared with its model's torch row; a torch row carries the ratio of its
+    model's first jax row (the first --impl).
+    """
     first = {}
     for r in rows:
         ips = r["images_per_sec"]
@@ -291,9 +316,13 @@ def add_ratios(rows):
         base = first.get(r["framework"])
         r["vs_first"] = ips / base["images_per_sec"] if ips and base else None
         r["vs_first_model"] = base["model"] if base else None
-    by_model = {(r["model"], r["framework"]): r["images_per_sec"] for r in rows}
+    torch, first_jax = {}, {}  # a model's torch row, and its jax row of the first --impl
     for r in rows:
-        jax_ips, torch_ips = by_model.get((r["model"], "jax")), by_model.get((r["model"], "torch"))
+        (torch if r["framework"] == "torch" else first_jax).setdefault(r["model"], r)
+    for r in rows:
+        jax = r if r["framework"] == "jax" else first_jax.get(r["model"], {})
+        jax_ips = jax.get("images_per_sec")
+        torch_ips = torch.get(r["model"], {}).get("images_per_sec")
         r["jax_over_torch"] = jax_ips / torch_ips if jax_ips and torch_ips else None
 
 
@@ -394,7 +423,9 @@ def _worker(args):
     request = json.loads(sys.stdin.readline())
     opts = argparse.Namespace(**request["args"])
     try:
-        bench = (JaxBench if request["framework"] == "jax" else TorchBench)(request["spec"], opts)
+        bench = (JaxBench if request["framework"] == "jax" else TorchBench)(
+            request["spec"], opts, request["impl"]
+        )
         protocol.write(json.dumps(bench.hello()) + "\n")
         for line in sys.stdin:
             message = json.loads(line)
@@ -427,9 +458,9 @@ def _status_kb(field) -> int | None:
 class _Bench:
     """What both frameworks share: the target, and resident memory around the timed steps."""
 
-    def __init__(self, spec, opts):
+    def __init__(self, spec, opts, impl=None):
         self.opts = opts
-        self.target = resolve(spec, opts)
+        self.target = resolve(spec, opts, impl)
         self.baseline_kb = _status_kb("VmRSS")
 
     def _start_peak_window(self):
@@ -463,12 +494,12 @@ class _Bench:
 
 
 class JaxBench(_Bench):
-    def __init__(self, spec, opts):
+    def __init__(self, spec, opts, impl=None):
         import jax
 
         from resnext_jax import optim, train
 
-        super().__init__(spec, opts)
+        super().__init__(spec, opts, impl)
         self.jax, self.train, self.optim = jax, train, optim
 
     def hello(self):
@@ -504,7 +535,7 @@ class JaxBench(_Bench):
         impl = config.model.conv_impl
         impls = ",".join(conv_impls(run.model, (1, *self.target.input_shape)))
         return {
-            "impl": f"{impl} ({impls})" if impl == "auto" else impl,
+            "impl": f"{impl} ({impls})" if impl in grouped_conv.AUTO else impl,
             "variant": variants.variant_name(config.model),
         }
 
@@ -554,9 +585,12 @@ def conv_impls(model, input_shape) -> list[str]:
         if isinstance(module, grouped_conv.Conv) and context.method_name == "__call__":
             impl = module.impl if module.groups > 1 else "auto"
             x, k = args[0], module.kernel_size
-            if impl == "auto":
+            if impl in grouped_conv.AUTO:
                 kernel = (k, k, x.shape[-1] // module.groups, module.features)
-                impl = grouped_conv.select_impl(x.shape, kernel, module.strides, module.groups)
+                impl = grouped_conv.select_impl(
+                    x.shape, kernel, module.strides, module.groups,
+                    use_onednn=False if impl == "xla_auto" else None,
+                )  # fmt: skip
             used.add(impl)
         return next_fun(*args, **kwargs)
 
@@ -566,12 +600,12 @@ def conv_impls(model, input_shape) -> list[str]:
 
 
 class TorchBench(_Bench):
-    def __init__(self, spec, opts):
+    def __init__(self, spec, opts, impl=None):
         import torch
 
         from resnext_jax import interop, optim
 
-        super().__init__(spec, opts)
+        super().__init__(spec, opts, impl)
         self.torch, self.interop, self.optim = torch, interop, optim
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         torch.set_num_threads(opts.torch_threads or _cpu_count())

@@ -34,4 +34,7 @@ if [[ ! -f $data/train-images-idx3-ubyte.gz ]]; then
   echo "setup: Fashion-MNIST is not in $data; install Debian's dataset-fashion-mnist" \
     "or set --config.dataset.data_dir to a folder with the four IDX files" >&2
 fi
+# The grouped convs' oneDNN kernels (resnext_jax/onednn.py): build them now, not at first use.
+# Where that cannot work (no compiler, no oneDNN) it says why; `auto` then uses XLA's convs.
+.venv/bin/python -m resnext_jax.onednn || true
 echo "setup: done (.venv)"

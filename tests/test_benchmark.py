@@ -6,6 +6,8 @@ import pathlib
 
 import pytest
 
+from resnext_jax import grouped_conv
+
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 _spec = importlib.util.spec_from_file_location("benchmark", _PATH)
 benchmark = importlib.util.module_from_spec(_spec)
@@ -96,12 +98,13 @@ def test_rounds_and_ratios():
         dict(model="a", framework="torch", images_per_sec=None),
         dict(model="b", framework="jax", images_per_sec=7.0),
         dict(model="b", framework="torch", images_per_sec=3.5),
+        dict(model="b", framework="jax", images_per_sec=1.75),  # a second --impl
     ]
     benchmark.add_ratios(rows)
     assert [(r["vs_first"], r["vs_first_model"]) for r in rows] == [
-        (1.0, "a"), (None, None), (0.7, "a"), (1.0, "b")
+        (1.0, "a"), (None, None), (0.7, "a"), (1.0, "b"), (0.175, "a")
     ]  # fmt: skip
-    assert [r["jax_over_torch"] for r in rows] == [None, None, 2.0, 2.0]
+    assert [r["jax_over_torch"] for r in rows] == [None, None, 2.0, 2.0, 0.5]
 
 
 def test_a_worker_that_dies_fails_its_row_not_the_table(monkeypatch):
@@ -136,3 +139,21 @@ def test_a_worker_that_dies_fails_its_row_not_the_table(monkeypatch):
     assert rows[0]["images_per_sec"] == 8.0 and rows[0]["note"] == ""
     assert rows[1]["images_per_sec"] is None
     assert rows[1]["note"] == "failed: resnext29_8x64d: the worker exited (status -9)"
+
+
+def test_several_impls_side_by_side_with_torch_once(capsys):
+    rows = json.loads(_run(capsys, "--models=_tiny_resnext", "--impl=auto,xla_auto", "--torch",
+                           "--torch-threads=1", "--res=32", "--format=json", *TINY))  # fmt: skip
+    assert [(r["model"], r["framework"], r["impl"].split(" ")[0]) for r in rows] == [
+        ("_tiny_resnext", "jax", "auto"), ("_tiny_resnext", "torch", ""),
+        ("_tiny_resnext", "jax", "xla_auto"),
+    ]  # fmt: skip
+    assert rows[1]["note"].startswith("no torchvision model")
+    assert "onednn" not in rows[2]["impl"] and rows[2]["vs_first"] > 0
+    assert ("onednn" in rows[0]["impl"]) == grouped_conv.onednn_usable()
+
+
+def test_an_unknown_impl_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--impl=auto,nope"])
+    assert "--impl: unknown ['nope']" in capsys.readouterr().err

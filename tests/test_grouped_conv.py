@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnext_jax import grouped_conv
-from resnext_jax.grouped_conv import IMPLS, Conv, conv2d, select_impl
+from resnext_jax import grouped_conv, onednn
+from resnext_jax.grouped_conv import CHOICES, IMPLS, Conv, conv2d, select_impl
 
 # (width_in, width_out, groups): dense, two and four groups, unequal in/out, depthwise.
 GROUPINGS = [(8, 8, 1), (8, 8, 2), (8, 16, 4), (12, 12, 12)]
@@ -24,10 +24,17 @@ def _loss_and_grads(impl, x, kernel, strides, groups):
     return y, *grads
 
 
-@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "xla"])
+def _skip_unbuilt(impl):
+    """`onednn` runs where it is built; tests/test_onednn.py fails where it should be and is not."""
+    if impl == "onednn" and not onednn.available():
+        pytest.skip(f"onednn unavailable: {onednn.unavailable_reason()}")
+
+
+@pytest.mark.parametrize("impl", [i for i in CHOICES if i != "xla"])
 @pytest.mark.parametrize("k,strides", [(1, 1), (1, 2), (3, 1), (3, 2)])
 @pytest.mark.parametrize("width_in,width_out,groups", GROUPINGS)
 def test_impl_matches_xla(impl, k, strides, width_in, width_out, groups):
+    _skip_unbuilt(impl)
     x = jax.random.normal(jax.random.key(0), (2, 7, 9, width_in))  # odd, unequal H and W
     kernel = jax.random.normal(jax.random.key(1), (k, k, width_in // groups, width_out))
     expected = _loss_and_grads("xla", x, kernel, strides, groups)
@@ -63,8 +70,9 @@ def test_pointwise_keeps_bfloat16_and_refuses_other_kernels():
             conv2d(x, jnp.zeros(kernel_shape), groups=groups, impl="pointwise")
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("impl", list(CHOICES))
 def test_impl_runs_7x7_and_bfloat16(impl):
+    _skip_unbuilt(impl)
     x = jax.random.normal(jax.random.key(0), (2, 11, 11, 8), jnp.bfloat16)
     kernel = jax.random.normal(jax.random.key(1), (7, 7, 2, 8), jnp.bfloat16)
     y, dx, dw = _loss_and_grads(impl, x, kernel, 2, 4)
@@ -94,14 +102,47 @@ def test_impl_runs_7x7_and_bfloat16(impl):
      ((128, 32, 32, 64), 64, 1, "shift"),      # depthwise
      ((128, 32, 32, 64), 2, 1, "xla_wgrad")],
 )  # fmt: skip
-def test_select_impl_follows_the_measured_rules(x_shape, groups, strides, on_cpu, backend):
+@pytest.mark.parametrize("use_onednn", [False, True])
+def test_select_impl_follows_the_measured_rules(
+    x_shape, groups, strides, on_cpu, backend, use_onednn
+):
     """The choices docs/benchmarks.md's tables give for these shapes; XLA off CPU."""
     width = x_shape[-1]
-    choice = select_impl(x_shape, (3, 3, width // groups, width), strides, groups, backend)
+    kernel = (3, 3, width // groups, width)
+    choice = select_impl(x_shape, kernel, strides, groups, backend, use_onednn=use_onednn)
     assert choice in IMPLS
-    assert choice == (on_cpu if backend == "cpu" else "xla")
-    pointwise = select_impl(x_shape, (1, 1, width, width), strides, 1, backend)
+    if backend != "cpu":
+        assert choice == "xla"
+    elif use_onednn and groups > 1:
+        assert choice == "onednn"
+    else:
+        assert choice == on_cpu
+    pointwise = select_impl(x_shape, (1, 1, width, width), strides, 1, backend, use_onednn)
     assert pointwise == ("pointwise" if backend == "cpu" else "xla")
+
+
+def test_auto_picks_onednn_only_where_it_runs_on_one_device(monkeypatch):
+    shape, kernel = (16, 56, 56, 128), (3, 3, 4, 128)
+    monkeypatch.setattr(onednn, "available", lambda: True)
+    assert select_impl(shape, kernel, 1, 32, "cpu") == "onednn"
+    monkeypatch.setattr(jax, "device_count", lambda: 2)  # a mesh: XLA cannot split the call
+    assert select_impl(shape, kernel, 1, 32, "cpu") == "shift"
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    monkeypatch.setattr(onednn, "available", lambda: False)
+    assert select_impl(shape, kernel, 1, 32, "cpu") == "shift"
+
+
+def _calls_onednn(impl):
+    x, kernel = jnp.zeros((2, 8, 8, 16)), jnp.zeros((3, 3, 4, 16))
+    grad = jax.grad(lambda x, k: jnp.sum(conv2d(x, k, padding=1, groups=4, impl=impl)), (0, 1))
+    return "resnext_onednn_conv" in str(jax.make_jaxpr(grad)(x, kernel))
+
+
+def test_xla_auto_never_calls_onednn_and_auto_does_where_it_can():
+    assert not _calls_onednn("xla_auto")
+    assert _calls_onednn("auto") == (
+        grouped_conv.onednn_usable() and jax.default_backend() == "cpu"
+    )
 
 
 def test_conv_module_kernel_is_hwio_for_every_impl():
@@ -110,7 +151,7 @@ def test_conv_module_kernel_is_hwio_for_every_impl():
         jax.eval_shape(Conv(32, 3, groups=4, impl=impl).init, jax.random.key(0), x)["params"][
             "kernel"
         ].shape
-        for impl in [*IMPLS, "auto"]
+        for impl in CHOICES
     }
     assert shapes == {(3, 3, 4, 32)}
 

@@ -23,7 +23,8 @@ Dense 1x1 convs (every bottleneck has two, plus the projection shortcuts) have t
 `pointwise` path on CPU, one matmul over positions, for the same reason: XLA CPU's kernel
 gradient of a 1x1 conv is a convolution with the whole feature map as its window.
 
-docs/benchmarks.md ("Grouped convolution on XLA CPU") has the measurements behind the rules.
+docs/benchmarks.md ("Grouped convolution through oneDNN", "Grouped convolution on XLA CPU")
+has the measurements behind the rules.
 """
 
 from collections.abc import Callable

@@ -101,7 +101,7 @@ def default_model_config() -> ml_collections.ConfigDict:
             bn_epsilon=1e-5,
             bn_group_size=32,  # images per BN statistic: the paper's per-GPU batch
             dtype="float32",  # compute dtype; parameters stay float32
-            conv_impl="auto",  # see resnext_jax.grouped_conv.IMPLS
+            conv_impl="auto",  # see resnext_jax.grouped_conv.CHOICES
             form="grouped",  # Fig. 3 form of the aggregated transformation
         )
     )

@@ -9,6 +9,7 @@
 // Square kernels are not assumed; padding is symmetric, dilation 1, float32 only.
 
 #include <cstdint>
+#include <exception>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -57,7 +58,10 @@ struct Problem {
   memory::dims pads() const { return {pad, pad}; }
 };
 
-// Primitives built once per problem (oneDNN's JIT compiles each one) and reused.
+// Primitives built once per problem (oneDNN's JIT compiles each one) and reused. XLA may run
+// them on any of its threads, two at once (a layer's two gradients, or the kernel gradients of
+// two layers of the same shape): oneDNN's own scratchpad allows neither, so each call brings
+// its own (scratchpad_mode::user, `Scratch` below).
 struct Primitives {
   dnnl::convolution_forward::primitive_desc fwd_pd;
   dnnl::convolution_forward fwd;
@@ -68,17 +72,19 @@ struct Primitives {
 
   explicit Primitives(const Problem& p) {
     auto& engine = Engine();
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
     fwd_pd = dnnl::convolution_forward::primitive_desc(
         engine, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-        p.src(), p.any_kernel(), p.dst(), p.strides(), p.pads(), p.pads());
+        p.src(), p.any_kernel(), p.dst(), p.strides(), p.pads(), p.pads(), attr);
     fwd = dnnl::convolution_forward(fwd_pd);
     bwd_data_pd = dnnl::convolution_backward_data::primitive_desc(
         engine, dnnl::algorithm::convolution_direct, p.src(), p.any_kernel(), p.dst(),
-        p.strides(), p.pads(), p.pads(), fwd_pd);
+        p.strides(), p.pads(), p.pads(), fwd_pd, attr);
     bwd_data = dnnl::convolution_backward_data(bwd_data_pd);
     bwd_weights_pd = dnnl::convolution_backward_weights::primitive_desc(
         engine, dnnl::algorithm::convolution_direct, p.src(), p.any_kernel(), p.dst(),
-        p.strides(), p.pads(), p.pads(), fwd_pd);
+        p.strides(), p.pads(), p.pads(), fwd_pd, attr);
     bwd_weights = dnnl::convolution_backward_weights(bwd_weights_pd);
   }
 };
@@ -111,15 +117,23 @@ ffi::ErrorOr<Problem> MakeProblem(ffi::Span<const int64_t> x, ffi::Span<const in
   return p;
 }
 
-// Runs `body` and turns a oneDNN exception into an FFI error.
+// Runs `body` and turns an exception into an FFI error.
 template <typename Body>
 ffi::Error Guard(Body body) {
   try {
     body();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
+  } catch (const std::exception& e) {  // out of memory, say: never unwind into XLA
+    return ffi::Error::Internal(std::string("onednn conv: ") + e.what());
   }
   return ffi::Error::Success();
+}
+
+// This call's own scratchpad for a primitive built with scratchpad_mode::user.
+template <typename PrimitiveDesc>
+memory Scratch(const PrimitiveDesc& pd) {
+  return memory(pd.scratchpad_desc(), Engine());
 }
 
 // The kernel in the layout `want`, from the user's buffer (a reorder when they differ).
@@ -142,7 +156,10 @@ ffi::Error Forward(F32 x, F32 kernel, ffi::ResultBuffer<ffi::F32> y, int64_t str
     memory k = KernelFor(*p, prims.fwd_pd.weights_desc(), kernel.untyped_data(), s);
     memory src(p->src(), Engine(), x.untyped_data());
     memory dst(p->dst(), Engine(), y->untyped_data());
-    prims.fwd.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, k}, {DNNL_ARG_DST, dst}});
+    prims.fwd.execute(s, {{DNNL_ARG_SRC, src},
+                          {DNNL_ARG_WEIGHTS, k},
+                          {DNNL_ARG_DST, dst},
+                          {DNNL_ARG_SCRATCHPAD, Scratch(prims.fwd_pd)}});
     s.wait();
   });
 }
@@ -158,8 +175,10 @@ ffi::Error InputGrad(F32 dy, F32 kernel, ffi::ResultBuffer<ffi::F32> dx, int64_t
     memory k = KernelFor(*p, prims.bwd_data_pd.weights_desc(), kernel.untyped_data(), s);
     memory diff_dst(p->dst(), Engine(), dy.untyped_data());
     memory diff_src(p->src(), Engine(), dx->untyped_data());
-    prims.bwd_data.execute(
-        s, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, k}, {DNNL_ARG_DIFF_SRC, diff_src}});
+    prims.bwd_data.execute(s, {{DNNL_ARG_DIFF_DST, diff_dst},
+                               {DNNL_ARG_WEIGHTS, k},
+                               {DNNL_ARG_DIFF_SRC, diff_src},
+                               {DNNL_ARG_SCRATCHPAD, Scratch(prims.bwd_data_pd)}});
     s.wait();
   });
 }
@@ -177,8 +196,10 @@ ffi::Error KernelGrad(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dk, int64_t str
     memory user(p->user_kernel(), Engine(), dk->untyped_data());
     const auto want = prims.bwd_weights_pd.diff_weights_desc();
     memory diff_k = want == p->user_kernel() ? user : memory(want, Engine());
-    prims.bwd_weights.execute(
-        s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_DIFF_WEIGHTS, diff_k}});
+    prims.bwd_weights.execute(s, {{DNNL_ARG_SRC, src},
+                                  {DNNL_ARG_DIFF_DST, diff_dst},
+                                  {DNNL_ARG_DIFF_WEIGHTS, diff_k},
+                                  {DNNL_ARG_SCRATCHPAD, Scratch(prims.bwd_weights_pd)}});
     if (want != p->user_kernel()) dnnl::reorder(diff_k, user).execute(s, diff_k, user);
     s.wait();
   });

@@ -328,8 +328,8 @@ def select_impl(x_shape, kernel_shape, strides, groups, backend=None, use_onednn
     The rules come from scripts/bench_grouped_conv.py on a 2-core x86 CPU with YNNPACK's
     fusions off (`runtime.compiler_options`; docs/benchmarks.md, the "block" column).
     Dense convs: `pointwise` for 1x1, XLA's own conv otherwise. Grouped convs: `onednn`
-    wherever it can run (`use_onednn`, default `onednn_usable()`): 0.06-0.25x a dense conv's
-    time at every ResNeXt-50 32x4d shape, 1.7-8x faster than the best XLA formulation.
+    wherever it can run (`use_onednn`, default `onednn_usable()`): 0.07-0.25x a dense conv's
+    time at every ResNeXt-50 32x4d shape, 1.2-3.0x faster than the best XLA formulation.
     Without it (`xla_auto`), `shift` at narrow groups (in/groups <= 8, where XLA's native
     grouped conv is slow: ResNeXt-50 32x4d's 56x56 stage at 2.3x `shift`'s time, depthwise
     worse), and at in/groups <= 16 on stride-1 maps of 56x56 or more with at most 128

@@ -15,9 +15,10 @@ source or environment builds afresh and concurrent processes never see a half-wr
 no oneDNN) `available()` is False, `unavailable_reason()` says why, and `auto` keeps to the
 XLA formulations; `RESNEXT_JAX_ONEDNN=0` turns the path off.
 
-Float32 only, CPU only. The custom calls are opaque to XLA: its cost analysis counts no FLOPs
-for them (`resnext_jax.stats.xla_flops` compiles with XLA's own conv for that reason), and its
-sharding propagation cannot split them, so `auto` uses them only on a single CPU device.
+The calls take float32 (`grouped_conv` casts other dtypes), on CPU only. They are opaque to
+XLA: its cost analysis counts no FLOPs for them (`resnext_jax.stats.xla_flops` compiles with
+XLA's own conv for that reason), and its sharding propagation cannot split them, so `auto`
+uses them only on a single CPU device.
 """
 
 import ctypes
@@ -72,7 +73,7 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++"))
 
 
-def build(force: bool = False) -> Path:
+def build() -> Path:
     """Compile the wrapper (if not already in the cache) and return the library's path."""
     found = find_onednn()
     if found is None:
@@ -101,7 +102,7 @@ def build(force: bool = False) -> Path:
     key.update((lib / "libdnnl.so").resolve().name.encode())
     key.update(jax.__version__.encode())
     path = cache_dir() / f"onednn_conv-{key.hexdigest()[:16]}.so"
-    if path.exists() and not force:
+    if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:

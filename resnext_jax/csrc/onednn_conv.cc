@@ -15,7 +15,6 @@
 #include <mutex>
 #include <string>
 #include <tuple>
-#include <unordered_map>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"

@@ -358,11 +358,17 @@ def select_impl(x_shape, kernel_shape, strides, groups, backend=None, use_onednn
     return "xla_wgrad"
 
 
+def resolve_impl(impl, x_shape, kernel_shape, strides, groups) -> str:
+    """`impl` itself, or for `auto` and `xla_auto` what `select_impl` picks for this conv."""
+    if impl not in AUTO:
+        return impl
+    use_onednn = False if impl == "xla_auto" else None
+    return select_impl(x_shape, kernel_shape, strides, groups, use_onednn=use_onednn)
+
+
 def conv2d(x, kernel, *, strides=1, padding=0, groups=1, impl="auto"):
     """2-D convolution of NHWC `x` with an HWIO `kernel` split into `groups` groups."""
-    if impl in AUTO:
-        use_onednn = False if impl == "xla_auto" else None
-        impl = select_impl(x.shape, kernel.shape, strides, groups, use_onednn=use_onednn)
+    impl = resolve_impl(impl, x.shape, kernel.shape, strides, groups)
     if impl == "pointwise":  # not a grouped-conv impl: `auto`'s choice for dense 1x1 convs
         return _pointwise(x, kernel, strides, padding, groups)
     if impl not in IMPLS:

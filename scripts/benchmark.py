@@ -585,13 +585,10 @@ def conv_impls(model, input_shape) -> list[str]:
         if isinstance(module, grouped_conv.Conv) and context.method_name == "__call__":
             impl = module.impl if module.groups > 1 else "auto"
             x, k = args[0], module.kernel_size
-            if impl in grouped_conv.AUTO:
-                kernel = (k, k, x.shape[-1] // module.groups, module.features)
-                impl = grouped_conv.select_impl(
-                    x.shape, kernel, module.strides, module.groups,
-                    use_onednn=False if impl == "xla_auto" else None,
-                )  # fmt: skip
-            used.add(impl)
+            kernel = (k, k, x.shape[-1] // module.groups, module.features)
+            used.add(
+                grouped_conv.resolve_impl(impl, x.shape, kernel, module.strides, module.groups)
+            )
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(record):

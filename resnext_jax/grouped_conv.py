@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnext_jax import onednn
+from resnext_jax import onednn, parallel
 
 # He init with fan-out, as in the paper's code and torchvision (kaiming_normal_, mode="fan_out").
 he_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -126,7 +126,7 @@ def _shift_forward(x, kernel, strides, pads, groups):
                 y = y + xt[..., i] * w_row[b, i]
         return y
 
-    y = jnp.zeros((n, ho, wo, groups, out // groups), acc)
+    y = parallel.vary_like(jnp.zeros((n, ho, wo, groups, out // groups), acc), x, kernel)
     y = jax.lax.fori_loop(0, kh, add_kernel_row, y)
     return y.reshape(n, ho, wo, out).astype(x.dtype)
 

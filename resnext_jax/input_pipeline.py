@@ -86,13 +86,15 @@ class InMemorySource:
         while True:
             epoch, index = divmod(step, steps_per_epoch)
             order = np.random.default_rng([seed, epoch]).permutation(self.num_train)
-            ids = np.sort(order[index * global_batch : (index + 1) * global_batch][local])
+            # Sorted before the split, so that the global batch and its row order (and so its
+            # BN groups) are the same on any number of processes.
+            ids = np.sort(order[index * global_batch : (index + 1) * global_batch])[local]
             images = self.train_images[ids]
             rng = np.random.default_rng([seed, epoch, index])
             if self.augment == "pad_crop_flip":
-                images = pad_crop_flip(images, rng)
+                images = pad_crop_flip(images, rng, rows=local, batch=global_batch)
             elif self.augment == "flip":
-                images = flip(images, rng)
+                images = flip(images, rng, rows=local, batch=global_batch)
             yield {"image": self._normalize(images), "label": self.train_labels[ids]}
             step += 1
 
@@ -118,22 +120,27 @@ def _local_slice(global_batch) -> slice:
     return slice(index * per_process, (index + 1) * per_process)
 
 
-def flip(images, rng):
+# The host-side augmentations below draw for a whole global batch of `batch` images and keep
+# the draws of `rows`, the rows this process holds, so that each image's augmentation depends
+# on its row of the global batch, not on how many processes share the batch.
+
+
+def flip(images, rng, rows=slice(None), batch=None):
     """Flip half of the images horizontally."""
-    flipped = rng.random(len(images)) < 0.5
+    flipped = rng.random(batch or len(images))[rows] < 0.5
     return np.where(flipped[:, None, None, None], images[:, :, ::-1], images)
 
 
-def pad_crop_flip(images, rng, pad=4):
+def pad_crop_flip(images, rng, pad=4, rows=slice(None), batch=None):
     """Zero-pad by `pad`, take a random crop of the original size, flip half horizontally."""
     n, h, w, _ = images.shape
     padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    dy, dx = rng.integers(0, 2 * pad + 1, size=(2, n))
-    rows = dy[:, None] + np.arange(h)
-    cols = dx[:, None] + np.arange(w)
-    flip = rng.random(n) < 0.5
-    cols = np.where(flip[:, None], cols[:, ::-1], cols)
-    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    dy, dx = rng.integers(0, 2 * pad + 1, size=(2, batch or n))[:, rows]
+    flipped = rng.random(batch or n)[rows] < 0.5
+    ys = dy[:, None] + np.arange(h)
+    xs = dx[:, None] + np.arange(w)
+    xs = np.where(flipped[:, None], xs[:, ::-1], xs)
+    return padded[np.arange(n)[:, None, None], ys[:, :, None], xs[:, None, :]]
 
 
 def read_idx(path) -> np.ndarray:

@@ -30,12 +30,19 @@ class BatchNorm(nn.Module):
     Normalizing over a fixed number of images (the paper's 32 per GPU) rather than over
     whatever a device holds keeps a result independent of the device count. Parameter and
     statistic names (scale, bias, mean, var) are flax.linen.BatchNorm's.
+
+    Inside a per-device step (`axis_name`: the mesh axis, resnext_jax.parallel) a group lies
+    within one device's images, so the batch statistics move nothing between devices; only a
+    group as large as the whole global batch (`group_size` 0 or at least the batch) averages
+    its moments over the devices. The running averages are averaged over the devices, which
+    keeps them replicated and equal to those of one device holding the whole batch.
     """
 
     use_running_average: bool = False
     momentum: float = 0.9
     epsilon: float = 1e-5
     group_size: int | None = None
+    axis_name: str | None = None
     dtype: Any = jnp.float32
     scale_init: Callable = nn.initializers.ones
 
@@ -52,20 +59,33 @@ class BatchNorm(nn.Module):
             return (x32 * mul + (bias - ra_mean.value * mul)).astype(self.dtype)
 
         batch = x.shape[0]
-        group = batch if not self.group_size or batch <= self.group_size else self.group_size
-        if batch % group:
+        devices = lax.axis_size(self.axis_name) if self.axis_name else 1
+        total = batch * devices
+        group = total if not self.group_size or total <= self.group_size else self.group_size
+        across_devices = group == total and devices > 1
+        if across_devices:
+            group = batch
+        elif batch % group:
             raise ValueError(
-                f"batch norm over groups of {group} images needs a per-step batch divisible by "
-                f"{group}, got {batch}; change the batch size or model.bn_group_size"
+                f"batch norm over groups of {group} images needs each device's batch to be "
+                f"divisible by {group}, got {batch} images on each of {devices} device(s); change "
+                "the batch size or model.bn_group_size (a group never spans devices, except "
+                "the whole batch: bn_group_size=0)"
             )
         xg = x32.reshape(batch // group, -1, features)
         mean = jnp.mean(xg, axis=1, keepdims=True)
+        mean_square = jnp.mean(jnp.square(xg), axis=1, keepdims=True)
+        if across_devices:
+            mean, mean_square = lax.pmean((mean, mean_square), self.axis_name)
         # One pass over the activations (E[x^2] - E[x]^2), as flax does; clipped at 0.
-        var = jnp.maximum(jnp.mean(jnp.square(xg), axis=1, keepdims=True) - jnp.square(mean), 0)
+        var = jnp.maximum(mean_square - jnp.square(mean), 0)
         if not self.is_initializing():
+            batch_mean, batch_var = jnp.mean(mean, axis=(0, 1)), jnp.mean(var, axis=(0, 1))
+            if self.axis_name and not across_devices:
+                batch_mean, batch_var = lax.pmean((batch_mean, batch_var), self.axis_name)
             m = self.momentum
-            ra_mean.value = m * ra_mean.value + (1 - m) * jnp.mean(mean, axis=(0, 1))
-            ra_var.value = m * ra_var.value + (1 - m) * jnp.mean(var, axis=(0, 1))
+            ra_mean.value = m * ra_mean.value + (1 - m) * batch_mean
+            ra_var.value = m * ra_var.value + (1 - m) * batch_var
         mul = scale * lax.rsqrt(var + self.epsilon)
         y = xg * mul + (bias - mean * mul)
         return y.reshape(x.shape).astype(self.dtype)
@@ -199,6 +219,7 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     conv_impl: str = "auto"
     form: str = "grouped"
+    axis_name: str | None = None  # the device axis, inside a per-device step (BatchNorm)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -209,6 +230,7 @@ class ResNet(nn.Module):
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,
             group_size=self.bn_group_size,
+            axis_name=self.axis_name,
             dtype=self.dtype,
         )
         if self.stem == "imagenet":  # 7x7/2 conv, BN, ReLU, 3x3/2 max pool

@@ -34,6 +34,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from resnext_jax import parallel
+
 SOURCE = Path(__file__).with_name("csrc") / "onednn_conv.cc"
 SWITCH = "RESNEXT_JAX_ONEDNN"
 CACHE = "RESNEXT_JAX_CACHE"
@@ -159,9 +161,12 @@ def _call(target, out_shape, a, b, strides, padding, groups):
     require()
     if a.dtype != np.float32 or b.dtype != np.float32:
         raise TypeError(f"the onednn conv impl runs float32 only, got {a.dtype} and {b.dtype}")
-    call = jax.ffi.ffi_call(
-        _name(target), jax.ShapeDtypeStruct(out_shape, np.float32), vmap_method="sequential"
-    )
+    a, b = parallel.vary_like(a, b), parallel.vary_like(b, a)  # one type for both operands
+    # The result is typed like the operands, so that inside a per-device step (shard_map) it
+    # varies over the same mesh axes: typed as replicated, autodiff would sum its cotangents
+    # over the devices.
+    result = jax.typeof(a).update(shape=tuple(out_shape), dtype=np.dtype(np.float32))
+    call = jax.ffi.ffi_call(_name(target), result, vmap_method="sequential")
     return call(a, b, stride=np.int64(strides), padding=np.int64(padding), groups=np.int64(groups))
 
 

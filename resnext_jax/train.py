@@ -1,7 +1,8 @@
 """Training and evaluation. `train_and_evaluate(config, workdir)` is one whole run.
 
 Data parallel over every device of every process: one mesh axis "data", the global batch
-split along it, the train state replicated. The same code runs on one CPU and on a pod.
+split along it, the train state replicated, and each step one program per device with its
+reductions written out (resnext_jax/parallel.py). The same code runs on one CPU and on a pod.
 """
 
 import dataclasses
@@ -9,6 +10,7 @@ import json
 import pathlib
 import signal
 import time
+from functools import partial
 from typing import Any
 
 import jax
@@ -18,10 +20,11 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax.training import train_state
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from resnext_jax import checkpoint, input_pipeline, optim, reporting, runtime, stats, variants
+from resnext_jax import checkpoint, input_pipeline, optim, parallel, reporting, stats, variants
+from resnext_jax.parallel import DATA_AXIS
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -45,11 +48,11 @@ class Run:
 
     @property
     def replicated(self):
-        return NamedSharding(self.mesh, P())
+        return parallel.replicated(self.mesh)
 
     @property
     def data_sharding(self):
-        return NamedSharding(self.mesh, P("data"))
+        return parallel.data_sharded(self.mesh)
 
     def global_batch(self, local: dict) -> dict:
         """Assemble each process's numpy rows into one array sharded over the mesh."""
@@ -59,12 +62,11 @@ class Run:
         }
 
 
-def make_mesh() -> Mesh:
-    return Mesh(np.array(jax.devices()), ("data",))
+def build_run(config, devices=None) -> Run:
+    """Check the config against the data and the devices; clear errors before any compute.
 
-
-def build_run(config) -> Run:
-    """Check the config against the data and the devices; clear errors before any compute."""
+    `devices` (default: every device of every process) are the mesh the run's steps use.
+    """
     variants.validate(config.model)
     source = input_pipeline.get_source(config)
     channels = source.image_shape[-1]
@@ -84,11 +86,21 @@ def build_run(config) -> Run:
             f"batch_size={config.batch_size} is not a multiple of model.bn_group_size={group} "
             "(the images each BN statistic is computed over)"
         )
-    devices = jax.device_count()
+    mesh = parallel.make_mesh(devices)
+    devices = mesh.size
     for key in ("batch_size", "eval_batch_size"):
         if config[key] % devices:
             raise ValueError(f"{key}={config[key]} does not split evenly over {devices} devices")
-    return Run(config, variants.build_model(config.model), source, make_mesh())
+    per_device = config.batch_size // devices
+    if group and config.batch_size > group and per_device % group:
+        raise ValueError(
+            f"model.bn_group_size={group} does not divide the {per_device} images that each of "
+            f"{devices} devices holds at batch_size={config.batch_size}: a BN group never "
+            f"spans devices. Use a batch_size that is a multiple of {group * devices}, or a "
+            f"bn_group_size that divides {per_device}"
+        )
+    model = variants.build_model(config.model).clone(axis_name=DATA_AXIS)
+    return Run(config, model, source, mesh)
 
 
 def cross_entropy(logits, labels, num_classes, label_smoothing=0.0):
@@ -102,8 +114,14 @@ def topk_correct(logits, labels, k):
     return jnp.any(top == labels[:, None], axis=-1)
 
 
-def train_step(state, batch, label_smoothing=0.0):
-    """One SGD step on a global batch; returns the new state and batch metrics."""
+def train_step(state, batch, label_smoothing=0.0, axis_name=None):
+    """One SGD step; returns the new state and the batch's metrics.
+
+    With `axis_name`, one device's part of a per-device step (`make_train_step`): `batch` is
+    this device's rows, and the gradients and metrics are averaged over the devices, so that
+    every device applies the same update, the one of the whole batch's mean loss.
+    """
+    reduce = partial(jax.lax.pmean, axis_name=axis_name) if axis_name else lambda tree: tree
 
     def loss_fn(params):
         logits, updates = state.apply_fn(
@@ -115,38 +133,61 @@ def train_step(state, batch, label_smoothing=0.0):
         loss = cross_entropy(logits, batch["label"], logits.shape[-1], label_smoothing).mean()
         return loss, (logits, updates["batch_stats"])
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    params = state.params
+    if axis_name:  # per-device gradients, averaged below (not summed implicitly by shard_map)
+        params = jax.tree.map(lambda p: jax.lax.pcast(p, axis_name, to="varying"), params)
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    grads = reduce(grads)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    metrics = {
+    metrics = reduce({
         "loss": loss,
-        "grad_norm": optax.tree.norm(grads),
         "top1_error": 100 * (1 - topk_correct(logits, batch["label"], 1).mean()),
         "top5_error": 100 * (1 - topk_correct(logits, batch["label"], 5).mean()),
-    }
+    })  # fmt: skip
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return state, metrics
 
 
-def eval_step(variables, batch, apply_fn):
-    """Sums over the real (unmasked) examples of a padded global batch."""
+def make_train_step(run: Run, donate=True):
+    """The compiled training step over the run's mesh: (state, global batch) -> (state, metrics)."""
+    step = partial(train_step, label_smoothing=run.config.label_smoothing, axis_name=DATA_AXIS)
+    return parallel.per_device(
+        step, run.mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()),
+        donate_argnums=0 if donate else (),
+    )  # fmt: skip
+
+
+def eval_step(variables, batch, apply_fn, axis_name=None):
+    """Sums over the real (unmasked) examples of a padded batch; with `axis_name`, over all
+    devices' rows."""
     logits = apply_fn(variables, batch["image"], train=False)
     mask = batch["mask"].astype(jnp.float32)
     loss = cross_entropy(logits, batch["label"], logits.shape[-1])
-    return {
+    sums = {
         "loss": jnp.sum(loss * mask),
         "top1_correct": jnp.sum(topk_correct(logits, batch["label"], 1) * mask),
         "top5_correct": jnp.sum(topk_correct(logits, batch["label"], 5) * mask),
         "examples": jnp.sum(mask),
     }
+    return jax.lax.psum(sums, axis_name) if axis_name else sums
+
+
+def make_eval_step(run: Run):
+    """The compiled evaluation step over the run's mesh: (variables, global batch) -> sums."""
+    step = partial(eval_step, apply_fn=run.model.apply, axis_name=DATA_AXIS)
+    return parallel.per_device(step, run.mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P())
+
+
+def make_predict_step(run: Run):
+    """The compiled eval-mode forward over the run's mesh: (variables, global images) -> logits."""
+    predict = partial(run.model.apply, train=False)
+    return parallel.per_device(predict, run.mesh, in_specs=(P(), P(DATA_AXIS)),
+                               out_specs=P(DATA_AXIS))  # fmt: skip
 
 
 def evaluate(run: Run, variables) -> dict:
     """Loss, top-1 and top-5 error (percent) over every eval example exactly once."""
-    step = jax.jit(
-        lambda v, b: eval_step(v, b, run.model.apply),
-        in_shardings=(run.replicated, run.data_sharding),
-        out_shardings=run.replicated,
-        compiler_options=runtime.compiler_options(),
-    )
+    step = make_eval_step(run)
     sums = None
     for local in run.source.eval_batches(run.config.eval_batch_size):
         out = step(variables, run.global_batch(local))
@@ -207,11 +248,33 @@ def _plain(value):
 
 
 class _Preemption:
-    """Turns SIGTERM into a request to save and stop at the end of the current step."""
+    """Turns SIGTERM into a request to save and stop, at the same step in every process.
 
-    def __init__(self):
+    With one process the run stops after the step during which the signal came. With several,
+    a process that stopped alone would leave the others waiting in the next collective, and a
+    signal often reaches only one of them. So every step each process casts its request into a
+    vote, a max over the mesh dispatched behind the step like its metrics and read one step
+    later; every process reads the same outcome after the same step and stops there.
+    """
+
+    def __init__(self, mesh):
         self.requested = False
         self._previous = None
+        self._ballot = None  # the vote in flight
+        self._vote = None
+        if jax.process_count() > 1:
+            self._mesh = mesh
+            self._vote = jax.jit(jnp.max, out_shardings=parallel.replicated(mesh))
+
+    def poll(self) -> bool:
+        """Once per step, after dispatching it: whether to save and stop after this step."""
+        if self._vote is None:
+            return self.requested
+        ballot, flags = self._ballot, np.full(len(self._mesh.local_devices), self.requested)
+        self._ballot = self._vote(
+            jax.make_array_from_process_local_data(parallel.data_sharded(self._mesh), flags)
+        )
+        return ballot is not None and bool(ballot)
 
     def __enter__(self):
         try:
@@ -286,6 +349,11 @@ def _check_finite(metrics, step, manager):
 
 def train_and_evaluate(config, workdir) -> dict:
     """Train `config` in `workdir` (resuming whatever is there) and evaluate; the results."""
+    if "://" in str(workdir):
+        raise ValueError(
+            f"workdir {workdir}: the trainer writes its logs with plain file I/O; give a folder "
+            "on a file system every host shares (for a bucket, mount it with gcsfuse)"
+        )
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     run = build_run(config)
@@ -335,13 +403,7 @@ def _train(config, workdir, run, manager, state, steps_per_epoch, total_steps) -
         f"workdir {workdir}"
     )
 
-    p_train_step = jax.jit(
-        lambda s, b: train_step(s, b, config.label_smoothing),
-        in_shardings=(run.replicated, run.data_sharding),
-        out_shardings=(run.replicated, run.replicated),
-        donate_argnums=0,
-        compiler_options=runtime.compiler_options(),
-    )
+    p_train_step = make_train_step(run)
     session_start = time.time()
 
     earlier_sessions = meta["wall_time_s"]  # wall time of the runs this one resumes
@@ -371,7 +433,7 @@ def _train(config, workdir, run, manager, state, steps_per_epoch, total_steps) -
                                                            start_step))  # fmt: skip
     window = _Window()
     pending = None  # (step, metrics) of the step in flight, checked one step late
-    with _Preemption() as preemption:
+    with _Preemption(run.mesh) as preemption:
         for step in range(start_step + 1, total_steps + 1):
             state, metrics = p_train_step(state, run.global_batch(next(batches)))
             if pending:  # wait for the previous step only, so the device queue stays full
@@ -381,7 +443,7 @@ def _train(config, workdir, run, manager, state, steps_per_epoch, total_steps) -
             at_log = step % config.log_every_steps == 0 or step == total_steps
             at_eval = step % eval_every == 0 or step == total_steps
             at_save = step % config.checkpoint_every_steps == 0 or at_eval
-            stop = preemption.requested or manager.reached_preemption(step)
+            stop = preemption.poll() or manager.reached_preemption(step)
             if first or at_log or at_save or stop:
                 window.add(*pending, manager)
                 pending = None

@@ -14,7 +14,10 @@ from resnext_jax import runtime
 
 config_flags.DEFINE_config_file("config", None, "training config file", lock_config=True)
 flags.DEFINE_string("workdir", None, "work directory (default: workdirs/<config name>)")
-flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-process runs)")
+flags.DEFINE_bool("distributed", False, "join a multi-process run (README: Pods and clusters)")
+flags.DEFINE_string("coordinator_address", "", "--distributed: process 0's host:port")
+flags.DEFINE_integer("num_processes", 0, "--distributed: how many processes")
+flags.DEFINE_integer("process_id", -1, "--distributed: this process's index, 0 .. N-1")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
@@ -31,14 +34,15 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # progress lines are printed; keep Orbax quiet
-    import jax
-
-    if FLAGS.distributed:
-        jax.distributed.initialize()
-    from resnext_jax import train
+    from resnext_jax import parallel, train
 
     workdir = FLAGS.workdir or default_workdir(flags.FLAGS["config"].config_filename)
     try:
+        if FLAGS.distributed:
+            parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        elif FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id >= 0:
+            raise ValueError("--coordinator_address, --num_processes and --process_id need "
+                             "--distributed")  # fmt: skip
         train.train_and_evaluate(FLAGS.config, workdir)
     except (train.NonFiniteLossError, ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")

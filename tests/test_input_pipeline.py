@@ -1,6 +1,10 @@
 """In-memory sources: deterministic, resumable training order; eval covers each example once."""
 
+import itertools
+
+import jax
 import numpy as np
+import pytest
 
 from resnext_jax import input_pipeline
 
@@ -80,3 +84,22 @@ def test_prefetch_passes_errors_through():
         assert "bad record" in str(e)
     else:
         raise AssertionError("the error was lost")
+
+
+@pytest.mark.parametrize("augment", ["flip", "pad_crop_flip"])
+@pytest.mark.parametrize("processes", [2, 4])
+def test_processes_hold_their_rows_of_the_one_process_batch(augment, processes, monkeypatch):
+    """Rows, order and augmentation of a global batch do not depend on the process count."""
+    source = _source(n_train=64)
+    source.augment = augment
+    whole = list(itertools.islice(source.train_batches(16, seed=1, start_step=3), 5))
+    monkeypatch.setattr(jax, "process_count", lambda: processes)
+    parts = []
+    for index in range(processes):
+        monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+        it = source.train_batches(16, seed=1, start_step=3)
+        parts.append(list(itertools.islice(it, 5)))
+    for step, batch in enumerate(whole):
+        for key in ("image", "label"):
+            joined = np.concatenate([part[step][key] for part in parts])
+            np.testing.assert_array_equal(joined, batch[key])

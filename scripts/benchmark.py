@@ -3,6 +3,7 @@
     python scripts/benchmark.py --models=resnet50,resnext50_32x4d --batch=16 --mode=train --torch
     python scripts/benchmark.py --models=fashion_mnist,resnext29_8x64d --mode=infer --format=json
     python scripts/benchmark.py --models=resnext50_32x4d --impl=auto,xla_auto,shift
+    python scripts/benchmark.py --models=resnext50_32x4d --devices=8 --format=json
 
 `--impl` sets the grouped convs' implementation (resnext_jax.grouped_conv); with several, each
 model is timed once per implementation, side by side, and torch once beside the first.
@@ -20,6 +21,12 @@ over rounds of (round time / steps in it). Train mode times resnext_jax.train.tr
 (forward, loss, backward, SGD momentum update, BN statistics), jitted as the trainer does;
 torch runs the same SGD settings (lr, momentum, Nesterov, weight decay). Infer is an
 eval-mode forward.
+
+`--devices=N` times the same step on N devices (on CPU, N simulated ones: XLA's
+`--xla_force_host_platform_device_count`), each device holding `--batch` images, as the
+trainer runs it: one program per device (resnext_jax.parallel), BN over groups of
+`model.bn_group_size` images where that divides `--batch`, else over each device's `--batch`.
+Each row names the compiled step's cross-device ops and XLA's count of its FLOPs per device.
 """
 
 import argparse
@@ -38,7 +45,7 @@ import traceback
 
 import configs
 from configs import default
-from resnext_jax import config_utils, grouped_conv, runtime, variants
+from resnext_jax import config_utils, grouped_conv, parallel, runtime, variants
 
 MODES = ("train", "infer")
 DTYPES = tuple(variants.DTYPES)
@@ -52,8 +59,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.worker:
         return _worker(args)
-    if args.steps < 1 or args.warmup < 0 or args.rounds < 1 or args.batch < 1:
-        parser.error("--steps, --rounds and --batch must be >= 1, --warmup >= 0")
+    if min(args.steps, args.rounds, args.batch, args.devices) < 1 or args.warmup < 0:
+        parser.error("--steps, --rounds, --batch and --devices must be >= 1, --warmup >= 0")
+    if args.torch and args.devices > 1:
+        parser.error("--torch times one device: leave out --devices or --torch")
     specs = _split_models(args.models)
     impls = args.impl.split(",")
     if unknown := [i for i in impls if i not in grouped_conv.CHOICES]:
@@ -81,7 +90,8 @@ def _parser():
     add = parser.add_argument
     add("--models", default="resnet50,resnext50_32x4d", help="variant names or configs, by commas")
     add("--mode", choices=MODES, default="train")
-    add("--batch", type=int, default=16)
+    add("--batch", type=int, default=16, help="images per device")
+    add("--devices", type=int, default=1, help="devices the step runs on (CPU: simulated)")
     add("--res", type=int, default=0, help="input size (0: each model's own)")
     add(
         "--impl",
@@ -164,10 +174,14 @@ def resolve(spec: str, args, impl: str | None = None) -> Target:
     config.model.conv_impl = impl
     config.dataset.name = "synthetic"
     config.dataset.image_size = res
-    config.dataset.num_train_examples = args.batch
-    config.dataset.num_eval_examples = args.batch
-    config.batch_size = args.batch
-    config.eval_batch_size = args.batch
+    devices = getattr(args, "devices", 1)
+    group = config.model.bn_group_size
+    if devices > 1 and (not group or args.batch % group):  # BN within each device's images
+        config.model.bn_group_size = args.batch
+    config.dataset.num_train_examples = args.batch * devices
+    config.dataset.num_eval_examples = args.batch * devices
+    config.batch_size = args.batch * devices
+    config.eval_batch_size = args.batch * devices
     variants.validate(config.model)
     return Target(spec, config, res, impl == first)
 
@@ -192,6 +206,9 @@ class Worker:
         env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         # The worker imports this checkout's packages, installed or not (as the parent did).
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        if args.devices > 1:  # on CPU, simulated devices; accelerators ignore the flag
+            flag = f"--xla_force_host_platform_device_count={args.devices}"
+            env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS"), flag]))
         argv = [sys.executable, os.path.abspath(__file__), "--worker"]
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env)  # fmt: skip
@@ -282,6 +299,10 @@ def _row(w, finish, args) -> dict:
         peak_memory=finish.get("peak_memory"),
         xla_memory_mb=w.info.get("xla_memory_mb"),
         batch=args.batch,
+        devices=args.devices,
+        images_per_sec_per_device=None,
+        flops_per_device=w.info.get("flops_per_device"),
+        collectives=w.info.get("collectives"),
         res=t.res,
         input="x".join(map(str, t.input_shape)),
         dtype=args.dtype,
@@ -298,7 +319,9 @@ def _row(w, finish, args) -> dict:
     )
     if w.times:
         step = statistics.median(w.times)
-        row.update(images_per_sec=args.batch / step, step_time_ms=1e3 * step)
+        ips = args.batch * args.devices / step
+        row.update(images_per_sec=ips, images_per_sec_per_device=ips / args.devices,
+                   step_time_ms=1e3 * step)  # fmt: skip
     return row
 
 
@@ -355,6 +378,10 @@ def _versions(torch: bool) -> str:
     return ", ".join(out)
 
 
+def _per_device(args) -> str:
+    return f" per device x {args.devices} devices" if args.devices > 1 else ""
+
+
 def _fmt(value, spec, suffix=""):
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
@@ -363,7 +390,7 @@ def markdown(rows, args) -> str:
     torch = any(r["framework"] == "torch" for r in rows)
     threads = sorted({r["threads"] for r in rows if r["threads"]})
     header = (
-        f"{args.mode}, batch {args.batch}, {args.dtype}, impl {args.impl}"
+        f"{args.mode}, batch {args.batch}{_per_device(args)}, {args.dtype}, impl {args.impl}"
         f"{', torch channels_last' if torch and args.channels_last else ''}"
         f"{''.join(f', torch threads {t}' for t in threads)}; "
         f"{args.steps} timed steps in {len(round_sizes(args.steps, args.rounds))} rounds after "
@@ -372,7 +399,8 @@ def markdown(rows, args) -> str:
         f"{_versions(torch)}"
     )
     columns = ["model", "framework", "impl", "input", "img/s", "vs first", "jax/torch",
-               "step ms", "compile s", "peak MB", "XLA MB"]  # fmt: skip
+               "step ms", "compile s", "peak MB", "XLA MB", "devices", "img/s/device",
+               "GFLOP/device", "collectives"]  # fmt: skip
     lines = [header, "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     notes = []
     for r in rows:
@@ -390,11 +418,17 @@ def markdown(rows, args) -> str:
             _fmt(r["compile_s"], ".1f"),
             _fmt(r["peak_memory_mb"], ".0f"),
             _fmt(r["xla_memory_mb"], ".0f"),
+            str(r["devices"]),
+            _fmt(r["images_per_sec_per_device"], ".2f"),
+            _fmt(r["flops_per_device"] and r["flops_per_device"] / 1e9, ".2f"),
+            ", ".join(f"{op} {n}" for op, n in sorted((r["collectives"] or {}).items())) or "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     kinds = {r["peak_memory"] for r in rows if r["peak_memory"]}
     lines += ["", "img/s: batch / median step time. vs first: over the first model of the same "
-              "framework. compile s: jax.jit(...).lower().compile()."]  # fmt: skip
+              "framework. compile s: jax.jit(...).lower().compile(). GFLOP/device: XLA's cost "
+              "analysis of the compiled step (one device's program; custom calls such as the "
+              "oneDNN convs count 0). collectives: its cross-device ops, by count."]  # fmt: skip
     lines += [f"peak MB: {PEAK_MEMORY[k]}" for k in sorted(kinds)]
     if any(r["xla_memory_mb"] is not None for r in rows):
         lines.append("XLA MB: compiled.memory_analysis(), argument + output + temp - aliased.")
@@ -513,24 +547,18 @@ class JaxBench(_Bench):
     def build(self):
         """The trainer's state and step function on one synthetic batch; nothing compiled yet."""
         jax, train, config = self.jax, self.train, self.target.config
-        run = train.build_run(config)
+        devices = getattr(self.opts, "devices", 1)
+        if len(jax.devices()) < devices:
+            raise ValueError(f"--devices={devices}, but JAX sees {len(jax.devices())}")
+        run = train.build_run(config, devices=jax.devices()[:devices])
         tx = self.optim.create_optimizer(config, steps_per_epoch=1)
         state = train.create_train_state(run, tx, jax.random.key(config.seed))
         batch = run.global_batch(next(run.source.train_batches(config.batch_size, config.seed)))
         if self.opts.mode == "train":
-            self.fn = jax.jit(
-                lambda s, b: train.train_step(s, b, config.label_smoothing),
-                in_shardings=(run.replicated, run.data_sharding),
-                out_shardings=(run.replicated, run.replicated),
-                donate_argnums=0,
-                compiler_options=runtime.compiler_options(),
-            )
+            self.fn = train.make_train_step(run)
             self.args = [state, batch]
         else:
-            self.fn = jax.jit(
-                lambda v, x: run.model.apply(v, x, train=False),
-                compiler_options=runtime.compiler_options(),
-            )
+            self.fn = train.make_predict_step(run)
             self.args = [{"params": state.params, "batch_stats": state.batch_stats}, batch["image"]]
         impl = config.model.conv_impl
         impls = ",".join(conv_impls(run.model, (1, *self.target.input_shape)))
@@ -546,11 +574,16 @@ class JaxBench(_Bench):
         memory = self.step.memory_analysis()
         self.run(self.opts.warmup)
         self._start_peak_window()
-        if memory is None:
-            return {"compile_s": compile_s}
-        xla_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-                     + memory.temp_size_in_bytes - memory.alias_size_in_bytes)  # fmt: skip
-        return {"compile_s": compile_s, "xla_memory_mb": xla_bytes / MB}
+        info = {
+            "compile_s": compile_s,
+            "flops_per_device": parallel.flops(self.step),
+            "collectives": parallel.collectives(self.step),
+        }
+        if memory is not None:
+            xla_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                         + memory.temp_size_in_bytes - memory.alias_size_in_bytes)  # fmt: skip
+            info["xla_memory_mb"] = xla_bytes / MB
+        return info
 
     def run(self, steps):
         start = time.perf_counter()

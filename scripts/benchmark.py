@@ -3,7 +3,7 @@
     python scripts/benchmark.py --models=resnet50,resnext50_32x4d --batch=16 --mode=train --torch
     python scripts/benchmark.py --models=fashion_mnist,resnext29_8x64d --mode=infer --format=json
     python scripts/benchmark.py --models=resnext50_32x4d --impl=auto,xla_auto,shift
-    python scripts/benchmark.py --models=resnext50_32x4d --devices=8 --format=json
+    python scripts/benchmark.py --models=resnet50,resnext50_32x4d --batch=8 --devices=1,2
 
 `--impl` sets the grouped convs' implementation (resnext_jax.grouped_conv); with several, each
 model is timed once per implementation, side by side, and torch once beside the first.
@@ -26,7 +26,8 @@ eval-mode forward.
 `--xla_force_host_platform_device_count`), each device holding `--batch` images, as the
 trainer runs it: one program per device (resnext_jax.parallel), BN over groups of
 `model.bn_group_size` images where that divides `--batch`, else over each device's `--batch`.
-Each row names the compiled step's cross-device ops and XLA's count of its FLOPs per device.
+`--devices=1,2` times each model on 1 and on 2 devices, side by side. Each row names the
+compiled step's cross-device ops and XLA's count of its FLOPs per device.
 """
 
 import argparse
@@ -59,16 +60,20 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.worker:
         return _worker(args)
-    if min(args.steps, args.rounds, args.batch, args.devices) < 1 or args.warmup < 0:
+    try:
+        counts = [int(n) for n in args.devices.split(",")]
+    except ValueError:
+        parser.error(f"--devices={args.devices}: device counts by commas, such as 1,2")
+    if min(args.steps, args.rounds, args.batch, *counts) < 1 or args.warmup < 0:
         parser.error("--steps, --rounds, --batch and --devices must be >= 1, --warmup >= 0")
-    if args.torch and args.devices > 1:
+    if args.torch and counts != [1]:
         parser.error("--torch times one device: leave out --devices or --torch")
     specs = _split_models(args.models)
     impls = args.impl.split(",")
     if unknown := [i for i in impls if i not in grouped_conv.CHOICES]:
         parser.error(f"--impl: unknown {unknown}; choose from {list(grouped_conv.CHOICES)}")
     try:
-        targets = [resolve(spec, args, impl) for spec in specs for impl in impls]
+        targets = [resolve(spec, args, impl, n) for spec in specs for impl in impls for n in counts]
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     if args.torch and importlib.util.find_spec("torchvision") is None:
@@ -91,7 +96,7 @@ def _parser():
     add("--models", default="resnet50,resnext50_32x4d", help="variant names or configs, by commas")
     add("--mode", choices=MODES, default="train")
     add("--batch", type=int, default=16, help="images per device")
-    add("--devices", type=int, default=1, help="devices the step runs on (CPU: simulated)")
+    add("--devices", default="1", help="devices the step runs on (CPU: simulated), by commas")
     add("--res", type=int, default=0, help="input size (0: each model's own)")
     add(
         "--impl",
@@ -128,6 +133,7 @@ class Target:
     config: object  # ml_collections.ConfigDict: model, optimizer, synthetic dataset, batch
     res: int
     first_impl: bool = True  # torch is timed once per model, beside its first --impl
+    devices: int = 1
 
     @property
     def input_shape(self):
@@ -145,10 +151,11 @@ def _split_models(text):
     return specs
 
 
-def resolve(spec: str, args, impl: str | None = None) -> Target:
+def resolve(spec: str, args, impl: str | None = None, devices: int = 1) -> Target:
     """A variant name or a config (a path, or a file of configs/ by name) as a Target.
 
-    `impl` is the grouped convs' implementation, by default the first of `args.impl`.
+    `impl` is the grouped convs' implementation, by default the first of `args.impl`;
+    `devices` how many devices share the step, each with `args.batch` images.
     """
     first = args.impl.split(",")[0]
     impl = impl or first
@@ -174,7 +181,6 @@ def resolve(spec: str, args, impl: str | None = None) -> Target:
     config.model.conv_impl = impl
     config.dataset.name = "synthetic"
     config.dataset.image_size = res
-    devices = getattr(args, "devices", 1)
     group = config.model.bn_group_size
     if devices > 1 and (not group or args.batch % group):  # BN within each device's images
         config.model.bn_group_size = args.batch
@@ -183,7 +189,7 @@ def resolve(spec: str, args, impl: str | None = None) -> Target:
     config.batch_size = args.batch * devices
     config.eval_batch_size = args.batch * devices
     variants.validate(config.model)
-    return Target(spec, config, res, impl == first)
+    return Target(spec, config, res, impl == first, devices)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,14 +212,15 @@ class Worker:
         env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         # The worker imports this checkout's packages, installed or not (as the parent did).
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        if args.devices > 1:  # on CPU, simulated devices; accelerators ignore the flag
-            flag = f"--xla_force_host_platform_device_count={args.devices}"
+        if target.devices > 1:  # on CPU, simulated devices; accelerators ignore the flag
+            flag = f"--xla_force_host_platform_device_count={target.devices}"
             env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS"), flag]))
         argv = [sys.executable, os.path.abspath(__file__), "--worker"]
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env)  # fmt: skip
         impl = target.config.model.conv_impl
-        self.request(framework=framework, spec=target.name, impl=impl, args=vars(args))
+        self.request(framework=framework, spec=target.name, impl=impl, devices=target.devices,
+                     args=vars(args))  # fmt: skip
 
     def request(self, **message):
         self.proc.stdin.write(json.dumps(message) + "\n")
@@ -299,7 +306,7 @@ def _row(w, finish, args) -> dict:
         peak_memory=finish.get("peak_memory"),
         xla_memory_mb=w.info.get("xla_memory_mb"),
         batch=args.batch,
-        devices=args.devices,
+        devices=t.devices,
         images_per_sec_per_device=None,
         flops_per_device=w.info.get("flops_per_device"),
         collectives=w.info.get("collectives"),
@@ -319,8 +326,8 @@ def _row(w, finish, args) -> dict:
     )
     if w.times:
         step = statistics.median(w.times)
-        ips = args.batch * args.devices / step
-        row.update(images_per_sec=ips, images_per_sec_per_device=ips / args.devices,
+        ips = args.batch * t.devices / step
+        row.update(images_per_sec=ips, images_per_sec_per_device=ips / t.devices,
                    step_time_ms=1e3 * step)  # fmt: skip
     return row
 
@@ -379,7 +386,7 @@ def _versions(torch: bool) -> str:
 
 
 def _per_device(args) -> str:
-    return f" per device x {args.devices} devices" if args.devices > 1 else ""
+    return f" per device on {args.devices} devices" if args.devices != "1" else ""
 
 
 def _fmt(value, spec, suffix=""):
@@ -458,7 +465,7 @@ def _worker(args):
     opts = argparse.Namespace(**request["args"])
     try:
         bench = (JaxBench if request["framework"] == "jax" else TorchBench)(
-            request["spec"], opts, request["impl"]
+            request["spec"], opts, request["impl"], request["devices"]
         )
         protocol.write(json.dumps(bench.hello()) + "\n")
         for line in sys.stdin:
@@ -492,9 +499,9 @@ def _status_kb(field) -> int | None:
 class _Bench:
     """What both frameworks share: the target, and resident memory around the timed steps."""
 
-    def __init__(self, spec, opts, impl=None):
+    def __init__(self, spec, opts, impl=None, devices=1):
         self.opts = opts
-        self.target = resolve(spec, opts, impl)
+        self.target = resolve(spec, opts, impl, devices)
         self.baseline_kb = _status_kb("VmRSS")
 
     def _start_peak_window(self):
@@ -528,12 +535,12 @@ class _Bench:
 
 
 class JaxBench(_Bench):
-    def __init__(self, spec, opts, impl=None):
+    def __init__(self, spec, opts, impl=None, devices=1):
         import jax
 
         from resnext_jax import optim, train
 
-        super().__init__(spec, opts, impl)
+        super().__init__(spec, opts, impl, devices)
         self.jax, self.train, self.optim = jax, train, optim
 
     def hello(self):
@@ -547,7 +554,7 @@ class JaxBench(_Bench):
     def build(self):
         """The trainer's state and step function on one synthetic batch; nothing compiled yet."""
         jax, train, config = self.jax, self.train, self.target.config
-        devices = getattr(self.opts, "devices", 1)
+        devices = self.target.devices
         if len(jax.devices()) < devices:
             raise ValueError(f"--devices={devices}, but JAX sees {len(jax.devices())}")
         run = train.build_run(config, devices=jax.devices()[:devices])
@@ -630,7 +637,7 @@ def conv_impls(model, input_shape) -> list[str]:
 
 
 class TorchBench(_Bench):
-    def __init__(self, spec, opts, impl=None):
+    def __init__(self, spec, opts, impl=None, devices=1):
         import torch
 
         from resnext_jax import interop, optim

@@ -17,6 +17,7 @@ from functools import partial
 import jax
 import numpy as np
 import pytest
+from conftest import write_fake_fashion_mnist
 
 from configs import default
 from resnext_jax import input_pipeline, onednn, optim, parallel, reporting, train, variants
@@ -178,24 +179,9 @@ def test_initialize_without_a_cluster_says_how_to_start(monkeypatch):
 # Two processes on loopback against one, through scripts/train.py as README documents it.
 
 
-def _write_idx(path, array):
-    import gzip
-
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
-
-
 @pytest.fixture(scope="module")
 def fashion_dir(tmp_path_factory):
-    """A tiny Fashion-MNIST-shaped dataset: 64 training images, 24 test images."""
-    folder = tmp_path_factory.mktemp("fashion")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 64), ("t10k", 24)):
-        labels = rng.integers(0, 10, n)
-        images = labels[:, None, None] * 20 + rng.integers(0, 60, (n, 28, 28))
-        _write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
-        _write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels)
-    return folder
+    return write_fake_fashion_mnist(tmp_path_factory.mktemp("fashion"))
 
 
 def _flags(fashion_dir, workdir, epochs):

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import write_fake_fashion_mnist
 
 from configs import default
 from resnext_jax import input_pipeline, reporting, runtime, train, variants
@@ -119,22 +120,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     assert not (tmp_path / "results.json").exists()
 
 
-def write_idx(path, array):
-    """An IDX file of unsigned bytes, gzipped: the format of (Fashion-)MNIST."""
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
-
-
 @pytest.fixture
 def fake_fashion_mnist(tmp_path):
-    """A small Fashion-MNIST-shaped dataset in IDX files (images of the label's brightness)."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 64), ("t10k", 24)):
-        labels = rng.integers(0, 10, n)
-        images = labels[:, None, None] * 25 + rng.integers(0, 20, (n, 28, 28))
-        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", images)
-        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", labels)
-    return tmp_path
+    return write_fake_fashion_mnist(tmp_path)
 
 
 def test_fashion_mnist_reader(fake_fashion_mnist):

@@ -121,7 +121,7 @@ def train_step(state, batch, label_smoothing=0.0, axis_name=None):
     this device's rows, and the gradients and metrics are averaged over the devices, so that
     every device applies the same update, the one of the whole batch's mean loss.
     """
-    reduce = partial(jax.lax.pmean, axis_name=axis_name) if axis_name else lambda tree: tree
+    over_devices = partial(jax.lax.pmean, axis_name=axis_name) if axis_name else lambda t: t
 
     def loss_fn(params):
         logits, updates = state.apply_fn(
@@ -137,9 +137,9 @@ def train_step(state, batch, label_smoothing=0.0, axis_name=None):
     if axis_name:  # per-device gradients, averaged below (not summed implicitly by shard_map)
         params = jax.tree.map(lambda p: jax.lax.pcast(p, axis_name, to="varying"), params)
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    grads = reduce(grads)
+    grads = over_devices(grads)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    metrics = reduce({
+    metrics = over_devices({
         "loss": loss,
         "top1_error": 100 * (1 - topk_correct(logits, batch["label"], 1).mean()),
         "top5_error": 100 * (1 - topk_correct(logits, batch["label"], 5).mean()),
@@ -158,8 +158,7 @@ def make_train_step(run: Run, donate=True):
 
 
 def eval_step(variables, batch, apply_fn, axis_name=None):
-    """Sums over the real (unmasked) examples of a padded batch; with `axis_name`, over all
-    devices' rows."""
+    """Sums over the real (unmasked) examples of a padded batch (with `axis_name`: all rows)."""
     logits = apply_fn(variables, batch["image"], train=False)
     mask = batch["mask"].astype(jnp.float32)
     loss = cross_entropy(logits, batch["label"], logits.shape[-1])

@@ -6,8 +6,12 @@ tests/test_parallel.py`) it prints, as JSON, what `test_compiled_step_*` reads: 
 train step's cross-device ops and FLOPs on 1 and on 8 devices.
 """
 
+import collections
 import json
 import os
+import pathlib
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -27,9 +31,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ACTIVATION_MOVERS = set(parallel.COLLECTIVES) - {"all-reduce"}
 
 
-def _compiled_step_config(impl):
+def _compiled_step_config(impl, model="_tiny_resnext"):
     config = default.get_config()
-    config.model = variants.model_config("_tiny_resnext", bn_group_size=8, conv_impl=impl)
+    config.model = variants.model_config(model, bn_group_size=8, conv_impl=impl)
     config.dataset.name = "synthetic"
     config.dataset.image_size = 32  # the issue's shape: a global batch of 64 32x32 images
     config.dataset.num_train_examples = 64
@@ -38,9 +42,10 @@ def _compiled_step_config(impl):
     return config
 
 
-def inspect_compiled_steps(impls) -> dict:
-    """Per impl and device count: the train step's collectives (opcode, shapes) and FLOPs."""
-    config = _compiled_step_config("xla")
+def inspect_compiled_steps(impls, model="_tiny_resnext") -> dict:
+    """Per impl: the train step's collectives (opcode, shapes) and FLOPs on 1 and 8 devices,
+    and the collectives of the same step under plain jit on 8 devices ("partitioner")."""
+    config = _compiled_step_config("xla", model)
     run = train.build_run(config)
     # The parameters do not depend on the impl: initialized once, placed on each mesh.
     state = train.create_train_state(run, optim.create_optimizer(config, 1), jax.random.key(0))
@@ -48,7 +53,7 @@ def inspect_compiled_steps(impls) -> dict:
     out = {}
     for impl in impls:
         for devices in (1, DEVICES):
-            run = train.build_run(_compiled_step_config(impl), devices=jax.devices()[:devices])
+            run = train.build_run(_compiled_step_config(impl, model), jax.devices()[:devices])
             args = jax.device_put(state, run.replicated), run.global_batch(batch)
             compiled = train.make_train_step(run).lower(*args).compile()
             out[f"{impl}/{devices}"] = {
@@ -57,22 +62,30 @@ def inspect_compiled_steps(impls) -> dict:
                 "state_size": sum(x.size for x in jax.tree.leaves((state.params,
                                                                    state.batch_stats))),
             }  # fmt: skip
-    # The same step under plain jit with a batch-sharded input, the partitioner's way: the
-    # reader must see the all-gathers it makes.
-    run = train.build_run(config)
-    plain = jax.jit(
-        partial(train.train_step, state.replace(apply_fn=run.model.clone(axis_name=None).apply)),
-        in_shardings=run.data_sharding,
-        out_shardings=(run.replicated, run.replicated),
-    )
-    compiled = plain.lower(run.global_batch(batch)).compile()
-    out["partitioner"] = {"ops": parallel.collective_ops(compiled)}
+        # The same step under plain jit with a batch-sharded input, the partitioner's way.
+        plain = jax.jit(
+            partial(
+                train.train_step, state.replace(apply_fn=run.model.clone(axis_name=None).apply)
+            ),
+            in_shardings=run.data_sharding,
+            out_shardings=(run.replicated, run.replicated),
+        )
+        compiled = plain.lower(run.global_batch(batch)).compile()
+        out[f"{impl}/partitioner"] = {"ops": parallel.collective_ops(compiled)}
     config.model.bn_group_size = 32  # 8 images per device: a group would span 4 devices
     try:
         train.build_run(config)
     except ValueError as e:
         out["span_error"] = str(e)
     return out
+
+
+def _summary(ops, batch=64):
+    counts = collections.Counter(op for op, _ in ops)
+    gathered = sum(op == "all-gather" and any(list(s[:1]) == [batch] for s in shapes)
+                   for op, shapes in ops)  # fmt: skip
+    text = ", ".join(f"{op} {n}" for op, n in sorted(counts.items())) or "none"
+    return text + (f" ({gathered} of the whole batch)" if gathered else "")
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +100,8 @@ def compiled_steps():
 
 
 def test_the_collective_reader_sees_the_partitioners_all_gathers(compiled_steps):
-    ops = [op for op, _ in compiled_steps["partitioner"]["ops"]]
-    assert ops.count("all-gather") > 0
+    ops = compiled_steps["xla/partitioner"]["ops"]
+    assert "all-gather" in _summary(ops) and "of the whole batch" in _summary(ops)
 
 
 @pytest.mark.parametrize("impl", ["xla", "xla_auto", "onednn"])
@@ -184,10 +197,9 @@ def fashion_dir(tmp_path_factory):
     return write_fake_fashion_mnist(tmp_path_factory.mktemp("fashion"))
 
 
-def _flags(fashion_dir, workdir, epochs):
+def _overrides(fashion_dir, epochs):
+    """A tiny Fashion-MNIST run: the config fields the tests set beside the README's flags."""
     return [
-        "scripts/train.py",
-        "--config=configs/fashion_mnist.py",
         f"--config.dataset.data_dir={fashion_dir}",
         "--config.dataset.augment=pad_crop_flip",  # augmentation on: drawn per global row
         "--config.model.planes=8",
@@ -199,8 +211,15 @@ def _flags(fashion_dir, workdir, epochs):
         "--config.eval_every_epochs=1000",
         "--config.log_every_steps=2",
         "--config.checkpoint_every_steps=1000",
-        f"--workdir={workdir}",
     ]
+
+
+def readme_two_processes() -> list[list[str]]:
+    """The README's commands for two processes on one machine, as argument lists."""
+    text = (pathlib.Path(ROOT) / "README.md").read_text()
+    block = text.split("**Two processes on one machine**")[1].split("```bash\n")[1]
+    lines = block.split("```")[0].replace("\\\n", " ").strip().splitlines()
+    return [shlex.split(line.removesuffix("&").strip()) for line in lines]
 
 
 def _free_port():
@@ -209,19 +228,22 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _start(args, devices=1, process=None, processes=None, port=None):
+def _start(args, devices=1):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                RESNEXT_JAX_TCMALLOC="0")  # fmt: skip
-    if processes:
-        args = [*args, "--distributed", f"--coordinator_address=127.0.0.1:{port}",
-                f"--num_processes={processes}", f"--process_id={process}"]  # fmt: skip
     return subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)  # fmt: skip
 
 
-def _two_processes(args):
-    port = _free_port()
-    return [_start(args, process=i, processes=2, port=port) for i in range(2)]
+def _two_processes(workdir, overrides):
+    """The README's two commands, with this test's work directory, a free port, `overrides`."""
+    port, procs = _free_port(), []
+    for python, *args in readme_two_processes():
+        assert python == "python"
+        args = [re.sub(r"^--workdir=.*", f"--workdir={workdir}", a) for a in args]
+        args = [re.sub(r"127.0.0.1:\d+$", f"127.0.0.1:{port}", a) for a in args]
+        procs.append(_start([*args, *overrides]))
+    return procs
 
 
 def _finish(procs, timeout=600):
@@ -231,6 +253,12 @@ def _finish(procs, timeout=600):
         assert proc.returncode == 0, out[-3000:]
         outs.append(out)
     return outs
+
+
+def test_the_readme_starts_processes_0_and_1_of_2():
+    commands = readme_two_processes()
+    assert [c[-1] for c in commands] == ["--process_id=0", "--process_id=1"]
+    assert all("--distributed" in c and "--num_processes=2" in c for c in commands)
 
 
 def _final(workdir):
@@ -258,7 +286,8 @@ EPOCHS = 40  # 80 steps: long enough for a signal to land mid-run
 def one_process(fashion_dir, tmp_path_factory):
     """The reference: one process with 2 (simulated) devices."""
     workdir = tmp_path_factory.mktemp("one_process")
-    _finish([_start(_flags(fashion_dir, workdir, EPOCHS), devices=2)])
+    args = ["scripts/train.py", "--config=configs/fashion_mnist.py", f"--workdir={workdir}"]
+    _finish([_start([*args, *_overrides(fashion_dir, EPOCHS)], devices=2)])
     return _final(workdir)
 
 
@@ -273,7 +302,7 @@ def _assert_same_run(a, b):
 
 @pytest.mark.slow
 def test_two_processes_compute_what_one_does(fashion_dir, one_process, tmp_path):
-    outs = _finish(_two_processes(_flags(fashion_dir, tmp_path, EPOCHS)))
+    outs = _finish(_two_processes(tmp_path, _overrides(fashion_dir, EPOCHS)))
     results, variables = _final(tmp_path)
     assert results["processes"] == 2 and results["devices"] == 2
     _assert_same_run(one_process, (results, variables))
@@ -286,8 +315,8 @@ def test_two_processes_compute_what_one_does(fashion_dir, one_process, tmp_path)
 
 @pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_one_step(fashion_dir, one_process, tmp_path):
-    args = _flags(fashion_dir, tmp_path, EPOCHS)
-    procs = _two_processes(args)
+    overrides = _overrides(fashion_dir, EPOCHS)
+    procs = _two_processes(tmp_path, overrides)
     for line in procs[0].stdout:  # wait until training runs
         if line.startswith("step "):
             break
@@ -299,7 +328,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step(fashion_dir, one_process,
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert kept == [str(saved)], kept  # committed: no temporary folder left beside it
     assert not (tmp_path / reporting.RESULTS_FILE).exists()
-    out = _finish(_two_processes(args))[0]
+    out = _finish(_two_processes(tmp_path, overrides))[0]
     assert f"resuming from the checkpoint of step {saved}" in out
     _assert_same_run(one_process, _final(tmp_path))
 
@@ -316,5 +345,14 @@ def test_in_memory_eval_is_split_by_rows_over_processes(monkeypatch):
     assert sorted(seen) == sorted(source.eval_labels.tolist())
 
 
-if __name__ == "__main__":
-    print(json.dumps(inspect_compiled_steps(sys.argv[1:])))
+if __name__ == "__main__":  # [--model=NAME] IMPL...: JSON on stdout, a table on stderr
+    model = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--model=")), None)
+    found = inspect_compiled_steps([a for a in sys.argv[1:] if not a.startswith("--")],
+                                   model or "_tiny_resnext")  # fmt: skip
+    print("| model | impl | plain jit, 8 devices | per-device step, 8 devices |", file=sys.stderr)
+    print("|---|---|---|---|", file=sys.stderr)
+    for key in (k for k in found if k.endswith("/partitioner")):
+        impl = key.split("/")[0]
+        print(f"| {model or '_tiny_resnext'} | {impl} | {_summary(found[key]['ops'])} | "
+              f"{_summary(found[f'{impl}/{DEVICES}']['ops'])} |", file=sys.stderr)  # fmt: skip
+    print(json.dumps(found))

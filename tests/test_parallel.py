@@ -21,10 +21,10 @@ from functools import partial
 import jax
 import numpy as np
 import pytest
-from conftest import write_fake_fashion_mnist
 
 from configs import default
 from resnext_jax import input_pipeline, onednn, optim, parallel, reporting, train, variants
+from tests.fake_data import write_fake_fashion_mnist
 
 DEVICES = 8
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import write_fake_fashion_mnist
 
 from configs import default
 from resnext_jax import input_pipeline, reporting, runtime, train, variants
+from tests.fake_data import write_fake_fashion_mnist
 
 
 def tiny_config(**overrides):

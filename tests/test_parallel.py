@@ -1,9 +1,10 @@
 """Data parallelism for real: compiled per-device steps on 8 simulated devices, and training
 in two processes on loopback (jax.distributed with gloo) against one process.
 
-Run as a script (`XLA_FLAGS=--xla_force_host_platform_device_count=8 python
-tests/test_parallel.py`) it prints, as JSON, what `test_compiled_step_*` reads: each compiled
-train step's cross-device ops and FLOPs on 1 and on 8 devices.
+Run as a script, `XLA_FLAGS=--xla_force_host_platform_device_count=8 python
+tests/test_parallel.py [--model=NAME] IMPL...` prints as JSON what `test_compiled_step_*`
+reads (each compiled train step's cross-device ops and FLOPs on 1 and on 8 devices, and the
+same step under plain jit), and on stderr the table of docs/benchmarks.md, "Several devices".
 """
 
 import collections
@@ -28,14 +29,13 @@ from tests.fake_data import write_fake_fashion_mnist
 
 DEVICES = 8
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ACTIVATION_MOVERS = set(parallel.COLLECTIVES) - {"all-reduce"}
 
 
 def _compiled_step_config(impl, model="_tiny_resnext"):
     config = default.get_config()
     config.model = variants.model_config(model, bn_group_size=8, conv_impl=impl)
     config.dataset.name = "synthetic"
-    config.dataset.image_size = 32  # the issue's shape: a global batch of 64 32x32 images
+    config.dataset.image_size = 32  # a global batch of 64 32x32 images
     config.dataset.num_train_examples = 64
     config.dataset.num_eval_examples = 64
     config.batch_size = config.eval_batch_size = 64

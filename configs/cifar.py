@@ -11,15 +11,17 @@ The paper's test errors (mean of 10 runs):
     resnext29_16x64d   68.1M   3.58      17.31
 """
 
-from configs import default
-from resnext_jax import config_utils, variants
+from resnext_jax.experiments import config_files
+from resnext_jax.models import variants
+
+default = config_files.sibling(__file__, "default")
 
 MODELS = ("resnext29_8x64d", "resnext29_16x64d")
 DATASETS = ("cifar10", "cifar100")
 
 
 def get_config(arg="model=resnext29_8x64d,dataset=cifar10"):
-    args = config_utils.parse_family_args(
+    args = config_files.parse_family_args(
         arg,
         allowed={"model": MODELS, "dataset": DATASETS},
         defaults={"model": "resnext29_8x64d", "dataset": "cifar10"},

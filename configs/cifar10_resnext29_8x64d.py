@@ -3,7 +3,9 @@
 python scripts/train.py --config=configs/cifar10_resnext29_8x64d.py
 """
 
-from configs import cifar
+from resnext_jax.experiments import config_files
+
+cifar = config_files.sibling(__file__, "cifar")
 
 
 def get_config():

@@ -7,7 +7,7 @@ these, so a command-line override such as `--config.batch_size=64` never leaves 
 
 import ml_collections
 
-from resnext_jax import variants
+from resnext_jax.models import variants
 
 
 def get_config():
@@ -16,7 +16,7 @@ def get_config():
 
     # The data (README "Data"): a TFDS name (prepared as array_record), "image_folder",
     # "fashion_mnist" or "synthetic". Preprocessing defaults are the paper's ImageNet recipe
-    # (fb.resnet.torch); resnext_jax/preprocessing.py describes each step.
+    # (fb.resnet.torch); resnext_jax/data/preprocessing.py describes each step.
     config.dataset = ml_collections.ConfigDict()
     config.dataset.name = "imagenet2012"
     config.dataset.data_dir = ""  # TFDS data dir ("" = TFDS's default); image_folder: its root
@@ -26,7 +26,8 @@ def get_config():
     config.dataset.num_train_examples = 0  # 0: read from the data source
     config.dataset.num_eval_examples = 0
     # "" = the dataset's own: random_resized_crop for ImageNet-like images, pad_crop_flip for
-    # CIFAR and other images of at most 64 pixels; or flip, none (preprocessing.AUGMENTATIONS).
+    # CIFAR and other images of at most 64 pixels; or flip, none
+    # (preprocessing.IMAGE_AUGMENTATIONS; Fashion-MNIST: in_memory.ARRAY_AUGMENTATIONS).
     config.dataset.augment = ""
     config.dataset.crop_area_range = (0.08, 1.0)  # random_resized_crop: fraction of the area
     config.dataset.crop_aspect_range = (3 / 4, 4 / 3)  # random_resized_crop: width / height

@@ -14,15 +14,17 @@ the default's, shortened to `EPOCHS` so the 15 runs of 3 seeds fit in about two 
 a 2-core CPU.
 """
 
-from configs import fashion_mnist
-from resnext_jax import config_utils, variants
+from resnext_jax.experiments import config_files
+from resnext_jax.models import variants
+
+fashion_mnist = config_files.sibling(__file__, "fashion_mnist")
 
 SETTINGS = ("1x64d", "2x40d", "4x24d", "8x14d", "32x4d")
 EPOCHS = 1.5
 
 
 def get_config(arg="cw=32x4d"):
-    args = config_utils.parse_family_args(arg, allowed={"cw": SETTINGS}, defaults={"cw": "32x4d"})
+    args = config_files.parse_family_args(arg, allowed={"cw": SETTINGS}, defaults={"cw": "32x4d"})
     config = fashion_mnist.get_config()
     cardinality, width = (int(v) for v in args["cw"].rstrip("d").split("x"))
     config.model.cardinality = cardinality

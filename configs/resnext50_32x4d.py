@@ -3,7 +3,9 @@
 python scripts/train.py --config=configs/resnext50_32x4d.py
 """
 
-from configs import table3
+from resnext_jax.experiments import config_files
+
+table3 = config_files.sibling(__file__, "table3")
 
 
 def get_config():

@@ -10,15 +10,17 @@ all ten settings. The paper's top-1 errors (ImageNet val, 224 crop):
     101     22.0   21.7   21.4   21.3   21.2
 """
 
-from configs import default
-from resnext_jax import config_utils, variants
+from resnext_jax.experiments import config_files
+from resnext_jax.models import variants
+
+default = config_files.sibling(__file__, "default")
 
 DEPTHS = (50, 101)
 SETTINGS = ("1x64d", "2x40d", "4x24d", "8x14d", "32x4d")
 
 
 def get_config(arg="depth=50,cw=32x4d"):
-    args = config_utils.parse_family_args(
+    args = config_files.parse_family_args(
         arg, allowed={"depth": DEPTHS, "cw": SETTINGS}, defaults={"depth": 50, "cw": "32x4d"}
     )
     config = default.get_config()

@@ -16,7 +16,8 @@ import sys
 
 import numpy as np
 
-from resnext_jax import checkpoint, interop, variants
+from resnext_jax.models import interop, variants
+from resnext_jax.training import checkpoint
 
 TOLERANCE = 1e-4
 

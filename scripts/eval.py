@@ -13,7 +13,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from resnext_jax import runtime
+from resnext_jax.devices import runtime
 
 config_flags.DEFINE_config_file("config", None, "config file (dataset, eval batch)",
                                 lock_config=True)  # fmt: skip
@@ -30,11 +30,12 @@ def main(argv):
     if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
         raise app.UsageError("give exactly one of --workdir and --checkpoint")
     logging.set_verbosity(logging.WARNING)
-    from resnext_jax import train, variants
+    from resnext_jax.models import variants
+    from resnext_jax.training import loop, steps
 
     try:
-        run, variables = train.load_for_eval(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
-        result = train.evaluate(run, variables)
+        run, variables = loop.load_for_eval(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
+        result = steps.evaluate(run, variables)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     result["model"] = variants.variant_name(run.config.model)

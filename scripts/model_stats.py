@@ -8,8 +8,8 @@ import argparse
 import json
 import sys
 
-from configs import table3
-from resnext_jax import config_utils, paper, stats, variants
+from resnext_jax.experiments import config_files, paper
+from resnext_jax.models import inspector, variants
 
 COLUMNS = ("name", "params", "flops", "conv2_group_width")
 
@@ -17,7 +17,7 @@ COLUMNS = ("name", "params", "flops", "conv2_group_width")
 def model_row(spec: str) -> dict:
     """Statistics of a variant name or a config file (`path.py[:args]`)."""
     if spec.partition(":")[0].endswith(".py"):
-        config = config_utils.load_config(spec)
+        config = config_files.load_config(spec)
         model_cfg, size = config.model, config.dataset.image_size
     else:
         model_cfg = variants.model_config(spec)
@@ -27,8 +27,8 @@ def model_row(spec: str) -> dict:
     shape = (1, size, size, model_cfg.input_channels)
     row = dict(
         name=name,
-        params=stats.param_count(model, shape),
-        flops=stats.multiply_adds(model, shape),
+        params=inspector.param_count(model, shape),
+        flops=inspector.multiply_adds(model, shape),
         conv2_group_width=variants.conv2_width(model_cfg),
         image_size=size,
     )
@@ -70,7 +70,8 @@ def main(argv=None):
         groups = {
             "Table 1 (224x224)": [model_row(n) for n in ("resnet50", "resnext50_32x4d")],
             "Table 3 settings at preserved complexity (224x224)": [
-                model_row(f"configs/table3.py:{a}") for a in table3.get_sweep()
+                model_row(f"{config_files.CONFIG_DIR / 'table3.py'}:{a}")
+                for a in config_files.config_module("table3").get_sweep()
             ],
         }
     try:

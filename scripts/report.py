@@ -13,7 +13,7 @@ import sys
 
 from absl import app, flags
 
-from resnext_jax import sweep_report
+from resnext_jax.experiments import report
 
 flags.DEFINE_string("out", None, "where the report goes (default: DIR/report)")
 flags.DEFINE_bool("plots", True, "draw the PNG plots (matplotlib)")
@@ -26,7 +26,7 @@ def main(argv):
     root = argv[1]
     if not os.path.isdir(root):
         sys.exit(f"error: no directory {root!r}")
-    written = sweep_report.write_report(root, FLAGS.out or os.path.join(root, "report"),
+    written = report.write_report(root, FLAGS.out or os.path.join(root, "report"),
                                         plots=FLAGS.plots)  # fmt: skip
     print(written["report.md"].read_text())
     print("wrote " + ", ".join(str(p) for p in written.values()))

@@ -14,11 +14,11 @@ if [[ "${1:-}" == "--test" && -f requirements-test.txt ]]; then
 fi
 # Debian packages, where apt can install them: the offline dataset, and tcmalloc, under which
 # the scripts re-execute themselves because XLA CPU steps run 1.3x faster with it
-# (resnext_jax/runtime.py).
+# (resnext_jax/devices/runtime.py).
 data=/usr/share/datasets/fashion-mnist
 packages=()
 [[ -f $data/train-images-idx3-ubyte.gz ]] || packages+=(dataset-fashion-mnist)
-.venv/bin/python -c "from resnext_jax import runtime; assert runtime.tcmalloc_path()" 2>/dev/null \
+.venv/bin/python -c "from resnext_jax.devices import runtime; assert runtime.tcmalloc_path()" 2>/dev/null \
   || packages+=(libtcmalloc-minimal4)
 if (( ${#packages[@]} )); then
   sudo=()
@@ -34,7 +34,7 @@ if [[ ! -f $data/train-images-idx3-ubyte.gz ]]; then
   echo "setup: Fashion-MNIST is not in $data; install Debian's dataset-fashion-mnist" \
     "or set --config.dataset.data_dir to a folder with the four IDX files" >&2
 fi
-# The grouped convs' oneDNN kernels (resnext_jax/onednn.py): build them now, not at first use.
+# The grouped convs' oneDNN kernels (resnext_jax/ops/onednn.py): build them now, not at first use.
 # Where that cannot work (no compiler, no oneDNN) it says why; `auto` then uses XLA's convs.
-.venv/bin/python -m resnext_jax.onednn || true
+.venv/bin/python -m resnext_jax.ops.onednn || true
 echo "setup: done (.venv)"

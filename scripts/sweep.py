@@ -13,12 +13,12 @@ command per unfinished run, to be run from the repository root (a job array, xar
 """
 
 import os
-import re
 import sys
 
 from absl import app, flags
 
-from resnext_jax import runtime, sweeps
+from resnext_jax.devices import runtime
+from resnext_jax.experiments import sweeps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,8 +41,8 @@ def portable(path: str) -> str:
 
 def split_overrides(argv):
     """(argv for absl, the --config.FIELD=VALUE overrides, passed on to every run)."""
-    is_override = re.compile(r"--(no)?config\.").match
-    return [a for a in argv if not is_override(a)], [a for a in argv if is_override(a)]
+    return ([a for a in argv if not sweeps.is_override(a)],
+            [a for a in argv if sweeps.is_override(a)])  # fmt: skip
 
 
 def main(argv, overrides):

@@ -4,13 +4,12 @@ Without --workdir the run goes to workdirs/<config name>[_<config args>]. Rerunn
 command resumes from the latest checkpoint there. `--config.field=value` overrides any field.
 """
 
-import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from resnext_jax import runtime
+from resnext_jax.devices import runtime
 
 config_flags.DEFINE_config_file("config", None, "training config file", lock_config=True)
 flags.DEFINE_string("workdir", None, "work directory (default: workdirs/<config name>)")
@@ -22,29 +21,23 @@ flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
-def default_workdir(config_spec: str) -> str:
-    """workdirs/table3_depth-101_cw-8x14d for configs/table3.py:depth=101,cw=8x14d."""
-    path, _, args = config_spec.partition(":")
-    stem = re.sub(r"\.py$", "", path.rsplit("/", 1)[-1])
-    suffix = re.sub(r"[^A-Za-z0-9._]+", "-", args.replace(",", "_").replace("=", "-"))
-    return f"workdirs/{stem}_{suffix}" if args else f"workdirs/{stem}"
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # progress lines are printed; keep Orbax quiet
-    from resnext_jax import parallel, train
+    from resnext_jax.devices import parallel
+    from resnext_jax.experiments import config_files
+    from resnext_jax.training import loop
 
-    workdir = FLAGS.workdir or default_workdir(flags.FLAGS["config"].config_filename)
+    workdir = FLAGS.workdir or config_files.default_workdir(FLAGS["config"].config_filename)
     try:
         if FLAGS.distributed:
             parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         elif FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id >= 0:
             raise ValueError("--coordinator_address, --num_processes and --process_id need "
                              "--distributed")  # fmt: skip
-        train.train_and_evaluate(FLAGS.config, workdir)
-    except (train.NonFiniteLossError, ValueError, FileNotFoundError, RuntimeError) as e:
+        loop.train_and_evaluate(FLAGS.config, workdir)
+    except (loop.NonFiniteLossError, ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
 
 

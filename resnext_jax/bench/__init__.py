@@ -1,0 +1,1 @@
+"""Benchmarks: models (beside torchvision), grouped convs, input pipelines; scripts/ runs them."""

@@ -1,0 +1,195 @@
+"""Datasets held in host memory as uint8 arrays: Fashion-MNIST (IDX files) and synthetic data.
+
+Normalized per channel and augmented on the host with numpy. None of it needs TensorFlow.
+"""
+
+import gzip
+import pathlib
+from collections.abc import Iterator
+
+import numpy as np
+
+from resnext_jax.data import base
+from resnext_jax.data.base import DataError
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+# The augmentations of in-memory training images (image files have their own:
+# resnext_jax/data/preprocessing.py, IMAGE_ARRAY_AUGMENTATIONS).
+ARRAY_AUGMENTATIONS = ("none", "flip", "pad_crop_flip")
+
+
+class InMemorySource:
+    """Uint8 NHWC images held in host memory, normalized per channel, augmented on the host."""
+
+    def __init__(self, train, eval, num_classes, augment="none", mean=None, std=None):
+        self.train_images, self.train_labels = train
+        self.eval_images, self.eval_labels = eval
+        self.num_classes = num_classes
+        if augment not in ARRAY_AUGMENTATIONS:
+            raise DataError(f"augment={augment!r}; choose one of {ARRAY_AUGMENTATIONS}")
+        self.augment = augment
+        pixels = self.train_images.reshape(-1, self.train_images.shape[-1])
+        # Statistics of the training images themselves, unless the caller fixes them.
+        self.mean = np.asarray(mean if mean is not None else pixels.mean(0) / 255, np.float32)
+        self.std = np.asarray(std if std is not None else pixels.std(0) / 255, np.float32)
+
+    def subset(self, num_train=0, num_eval=0):
+        """The first `num_train` / `num_eval` examples (0: all), for quick runs."""
+        self.train_images, self.train_labels = (
+            a[: num_train or None] for a in (self.train_images, self.train_labels)
+        )
+        self.eval_images, self.eval_labels = (
+            a[: num_eval or None] for a in (self.eval_images, self.eval_labels)
+        )
+        return self
+
+    @property
+    def image_shape(self):
+        return self.train_images.shape[1:]
+
+    @property
+    def num_train(self):
+        return len(self.train_labels)
+
+    @property
+    def num_eval(self):
+        return len(self.eval_labels)
+
+    def _normalize(self, images):
+        return (images.astype(np.float32) / 255 - self.mean) / self.std
+
+    def train_batches(self, global_batch, seed, start_step=0) -> Iterator[dict]:
+        per_epoch = base.steps_per_epoch(self.num_train, global_batch)
+        local = base.process_rows(global_batch)
+        step = start_step
+        while True:
+            epoch, index = divmod(step, per_epoch)
+            # Sorted before the split, so that the global batch and its row order (and so its
+            # BN groups) are the same on any number of processes.
+            ids = np.sort(base.batch_ids(seed, step, self.num_train, global_batch))[local]
+            images = self.train_images[ids]
+            rng = np.random.default_rng([seed, epoch, index])
+            if self.augment == "pad_crop_flip":
+                images = pad_crop_flip(images, rng, rows=local, batch=global_batch)
+            elif self.augment == "flip":
+                images = flip(images, rng, rows=local, batch=global_batch)
+            yield {"image": self._normalize(images), "label": self.train_labels[ids]}
+            step += 1
+
+    def eval_batches(self, global_batch) -> Iterator[dict]:
+        local = base.process_rows(global_batch)
+        for start in range(0, self.num_eval, global_batch):
+            ids = np.arange(start, start + global_batch)[local]
+            mask = ids < self.num_eval
+            ids = np.where(mask, ids, 0)
+            yield {
+                "image": self._normalize(self.eval_images[ids]),
+                "label": self.eval_labels[ids],
+                "mask": mask,
+            }
+
+
+# The host-side augmentations below draw for a whole global batch of `batch` images and keep
+# the draws of `rows`, the rows this process holds, so that each image's augmentation depends
+# on its row of the global batch, not on how many processes share the batch.
+
+
+def flip(images, rng, rows=slice(None), batch=None):
+    """Flip half of the images horizontally."""
+    flipped = rng.random(batch or len(images))[rows] < 0.5
+    return np.where(flipped[:, None, None, None], images[:, :, ::-1], images)
+
+
+def pad_crop_flip(images, rng, pad=4, rows=slice(None), batch=None):
+    """Zero-pad by `pad`, take a random crop of the original size, flip half horizontally."""
+    n, h, w, _ = images.shape
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    dy, dx = rng.integers(0, 2 * pad + 1, size=(2, batch or n))[:, rows]
+    flipped = rng.random(batch or n)[rows] < 0.5
+    ys = dy[:, None] + np.arange(h)
+    xs = dx[:, None] + np.arange(w)
+    xs = np.where(flipped[:, None], xs[:, ::-1], xs)
+    return padded[np.arange(n)[:, None, None], ys[:, :, None], xs[:, None, :]]
+
+
+def read_idx(path) -> np.ndarray:
+    """An IDX file (the MNIST format), gzipped or not."""
+    path = pathlib.Path(path)
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+        raise DataError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+    if body.size != np.prod(shape):
+        raise DataError(f"{path} is truncated: {body.size} bytes for shape {shape}")
+    return body.reshape(shape)
+
+
+def _find_idx(folder, stem):
+    for name in (stem + ".gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def fashion_mnist(data_dir="", augment="pad_crop_flip") -> InMemorySource:
+    """Fashion-MNIST from IDX files: `data_dir`, Debian's package, or a prepared TFDS copy."""
+    folders = [pathlib.Path(data_dir)] if data_dir else [pathlib.Path(FASHION_MNIST_DIR)]
+    for folder in folders:
+        files = {split: [_find_idx(folder, s) for s in stems]
+                 for split, stems in FASHION_MNIST_FILES.items()}  # fmt: skip
+        if all(all(f) for f in files.values()):
+            train, test = (
+                (read_idx(images)[..., None], read_idx(labels).astype(np.int32))
+                for images, labels in files.values()
+            )
+            return InMemorySource(train, test, num_classes=10, augment=augment)
+    if not data_dir and (source := _fashion_mnist_from_tfds(augment)):
+        return source
+    stems = [s + "[.gz]" for pair in FASHION_MNIST_FILES.values() for s in pair]
+    raise DataError(
+        f"Fashion-MNIST not found in {folders[0]} (looked for {', '.join(stems)}). "
+        "On Debian or Ubuntu: `sudo apt-get install dataset-fashion-mnist` (files land in "
+        f"{FASHION_MNIST_DIR}); elsewhere download the four IDX files into a folder and pass "
+        "--config.dataset.data_dir=FOLDER."
+    )
+
+
+def _fashion_mnist_from_tfds(augment):
+    """TFDS's prepared `fashion_mnist`, read through its TensorFlow-free data source."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        return None
+    try:
+        splits = [
+            tfds.data_source("fashion_mnist", split=s, download=False) for s in ("train", "test")
+        ]
+    except Exception:  # not prepared, or prepared in a format data sources cannot read
+        return None
+    arrays = [
+        (np.stack([r["image"] for r in ds]), np.array([r["label"] for r in ds], np.int32))
+        for ds in splits
+    ]
+    return InMemorySource(*arrays, num_classes=10, augment=augment)
+
+
+def synthetic(image_size, channels, num_classes, num_train, num_eval, seed=0) -> InMemorySource:
+    """Random images whose brightness depends on the label, so that a model can learn them."""
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        labels = rng.integers(0, num_classes, n).astype(np.int32)
+        noise = rng.integers(0, 128, (n, image_size, image_size, channels))
+        images = noise + (labels * 127 // max(num_classes - 1, 1))[:, None, None, None]
+        return images.astype(np.uint8), labels
+
+    return InMemorySource(split(num_train), split(num_eval), num_classes,
+                          mean=[0.5] * channels, std=[0.25] * channels)  # fmt: skip

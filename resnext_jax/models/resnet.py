@@ -1,0 +1,267 @@
+"""ResNet and ResNeXt (Xie et al. 2017, "Aggregated Residual Transformations") in Flax linen.
+
+Layer names map one to one onto torchvision's state_dict keys:
+
+    stem_conv, stem_bn          <->  conv1, bn1
+    stage{i}_block{j}/convK     <->  layer{i}.{j}.convK        (bnK likewise)
+    stage{i}_block{j}/proj_conv <->  layer{i}.{j}.downsample.0 (proj_bn: downsample.1)
+    head                        <->  fc
+"""
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jax import lax
+
+from resnext_jax.ops.conv import Conv
+
+ModuleDef = Any
+
+# Fig. 3 of the paper: three equivalent forms of the aggregated transformation.
+BLOCK_FORMS = ("grouped", "paths", "concat")
+
+
+class BatchNorm(nn.Module):
+    """Batch norm whose batch statistics come from groups of `group_size` images.
+
+    Normalizing over a fixed number of images (the paper's 32 per GPU) rather than over
+    whatever a device holds keeps a result independent of the device count. Parameter and
+    statistic names (scale, bias, mean, var) are flax.linen.BatchNorm's.
+
+    Inside a per-device step (`axis_name`: the mesh axis, resnext_jax.devices.parallel) a group lies
+    within one device's images, so the batch statistics move nothing between devices; only a
+    group as large as the whole global batch (`group_size` 0 or at least the batch) averages
+    its moments over the devices. The running averages are averaged over the devices, which
+    keeps them replicated and equal to those of one device holding the whole batch.
+    """
+
+    use_running_average: bool = False
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    group_size: int | None = None
+    axis_name: str | None = None
+    dtype: Any = jnp.float32
+    scale_init: Callable = nn.initializers.ones
+
+    @nn.compact
+    def __call__(self, x):
+        features = x.shape[-1]
+        scale = self.param("scale", self.scale_init, (features,))
+        bias = self.param("bias", nn.initializers.zeros, (features,))
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        if self.use_running_average:
+            mul = scale * lax.rsqrt(ra_var.value + self.epsilon)
+            return (x32 * mul + (bias - ra_mean.value * mul)).astype(self.dtype)
+
+        batch = x.shape[0]
+        devices = lax.axis_size(self.axis_name) if self.axis_name else 1
+        total = batch * devices
+        group = total if not self.group_size or total <= self.group_size else self.group_size
+        across_devices = group == total and devices > 1
+        if across_devices:
+            group = batch
+        elif batch % group:
+            raise ValueError(
+                f"batch norm over groups of {group} images needs each device's batch to be "
+                f"divisible by {group}, got {batch} images on each of {devices} device(s); change "
+                "the batch size or model.bn_group_size (a group never spans devices, except "
+                "the whole batch: bn_group_size=0)"
+            )
+        xg = x32.reshape(batch // group, -1, features)
+        mean = jnp.mean(xg, axis=1, keepdims=True)
+        mean_square = jnp.mean(jnp.square(xg), axis=1, keepdims=True)
+        if across_devices:
+            mean, mean_square = lax.pmean((mean, mean_square), self.axis_name)
+        # One pass over the activations (E[x^2] - E[x]^2), as flax does; clipped at 0.
+        var = jnp.maximum(mean_square - jnp.square(mean), 0)
+        if not self.is_initializing():
+            batch_mean, batch_var = jnp.mean(mean, axis=(0, 1)), jnp.mean(var, axis=(0, 1))
+            if self.axis_name and not across_devices:
+                batch_mean, batch_var = lax.pmean((batch_mean, batch_var), self.axis_name)
+            m = self.momentum
+            ra_mean.value = m * ra_mean.value + (1 - m) * batch_mean
+            ra_var.value = m * ra_var.value + (1 - m) * batch_var
+        mul = scale * lax.rsqrt(var + self.epsilon)
+        y = xg * mul + (bias - mean * mul)
+        return y.reshape(x.shape).astype(self.dtype)
+
+
+def group_width(planes: int, base_width: int) -> int:
+    """Width of one group at `planes` planes: floor(planes * d / 64), timm's rule."""
+    return planes * base_width // 64
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs (ResNet-18/34)."""
+
+    planes: int
+    strides: int
+    conv: ModuleDef
+    norm: ModuleDef
+    shortcut: bool = True
+    zero_init_last_bn: bool = False
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.relu(self.norm(name="bn1")(self.conv(self.planes, 3, self.strides, name="conv1")(x)))
+        y = self.conv(self.planes, 3, name="conv2")(y)
+        y = self.norm(scale_init=_last_bn_init(self.zero_init_last_bn), name="bn2")(y)
+        return _add_shortcut(self, x, y)
+
+
+class Bottleneck(nn.Module):
+    """1x1, 3x3 grouped into `cardinality` groups (stride here), 1x1: Fig. 3 of the paper.
+
+    `form` picks one of Fig. 3's equivalent forms: "grouped" (c, the fast one), "concat"
+    (b: C paths of 1x1-3x3 concatenated before one 1x1) or "paths" (a: C full 1x1-3x3-1x1
+    paths summed). `resnext_jax.models.fig3` maps (c)'s parameters onto (a) and (b).
+    """
+
+    planes: int
+    strides: int
+    conv: ModuleDef
+    norm: ModuleDef
+    cardinality: int = 1
+    base_width: int = 64
+    shortcut: bool = True
+    zero_init_last_bn: bool = False
+    form: str = "grouped"
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x):
+        d = group_width(self.planes, self.base_width)
+        out_features = self.planes * self.expansion
+        if self.form == "grouped":
+            width = d * self.cardinality
+            y = nn.relu(self.norm(name="bn1")(self.conv(width, 1, name="conv1")(x)))
+            y = self.conv(width, 3, self.strides, groups=self.cardinality, name="conv2")(y)
+            y = self.conv(out_features, 1, name="conv3")(nn.relu(self.norm(name="bn2")(y)))
+        elif self.form == "concat":
+            y = jnp.concatenate(
+                [self._path(x, d, name=f"path{i}") for i in range(self.cardinality)], axis=-1
+            )
+            y = self.conv(out_features, 1, name="conv3")(y)
+        elif self.form == "paths":
+            y = sum(
+                self._path(x, d, name=f"path{i}", out_features=out_features)
+                for i in range(self.cardinality)
+            )
+        else:
+            raise ValueError(f"unknown block form {self.form!r}; choose one of {BLOCK_FORMS}")
+        y = self.norm(scale_init=_last_bn_init(self.zero_init_last_bn), name="bn3")(y)
+        return _add_shortcut(self, x, y)
+
+    def _path(self, x, d, name, out_features=0):
+        return _Path(d, self.strides, self.conv, self.norm, out_features, name=name)(x)
+
+
+class _Path(nn.Module):
+    """One of Fig. 3's C paths: 1x1 to d channels, a dense 3x3, and in form (a) a 1x1 out."""
+
+    width: int
+    strides: int
+    conv: ModuleDef
+    norm: ModuleDef
+    out_features: int = 0
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.relu(self.norm(name="bn1")(self.conv(self.width, 1, name="conv1")(x)))
+        y = self.conv(self.width, 3, self.strides, name="conv2")(y)
+        y = nn.relu(self.norm(name="bn2")(y))
+        return self.conv(self.out_features, 1, name="conv3")(y) if self.out_features else y
+
+
+def _last_bn_init(zero_init: bool) -> Callable:
+    return nn.initializers.zeros if zero_init else nn.initializers.ones
+
+
+def _add_shortcut(block, x, y):
+    """ReLU after the residual add; a type-B projection only where the shape changes."""
+    if not block.shortcut:  # Section 5.1's ablation: no identity and no projection paths.
+        return nn.relu(y)
+    out_features = block.planes * block.expansion
+    residual = x
+    if x.shape[-1] != out_features or block.strides != 1:
+        residual = block.conv(out_features, 1, block.strides, name="proj_conv")(x)
+        residual = block.norm(name="proj_bn")(residual)
+    return nn.relu(y + residual)
+
+
+class ResNet(nn.Module):
+    """ResNet / ResNeXt: a stem, stages of residual blocks, global average pool, linear head.
+
+    Stage i has `planes * 2**i` planes and downsamples by 2 at its first block (except the
+    first stage). ResNeXt is `block="bottleneck"` with `cardinality` C and `base_width` d.
+    """
+
+    stage_sizes: Sequence[int]
+    block: str = "bottleneck"
+    cardinality: int = 1
+    base_width: int = 64
+    num_classes: int = 1000
+    stem: str = "imagenet"
+    stem_width: int = 64
+    stem_strides: int = 1
+    planes: int = 64
+    shortcut: bool = True
+    zero_init_last_bn: bool = False
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    bn_group_size: int | None = None
+    dtype: Any = jnp.float32
+    conv_impl: str = "auto"
+    form: str = "grouped"
+    axis_name: str | None = None  # the device axis, inside a per-device step (BatchNorm)
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        conv = partial(Conv, dtype=self.dtype, impl=self.conv_impl)
+        norm = partial(
+            BatchNorm,
+            use_running_average=not train,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            group_size=self.bn_group_size,
+            axis_name=self.axis_name,
+            dtype=self.dtype,
+        )
+        if self.stem == "imagenet":  # 7x7/2 conv, BN, ReLU, 3x3/2 max pool
+            x = nn.relu(norm(name="stem_bn")(conv(self.stem_width, 7, 2, name="stem_conv")(x)))
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        elif self.stem == "cifar":  # 3x3 conv (stride `stem_strides`), BN, ReLU, no pooling
+            x = conv(self.stem_width, 3, self.stem_strides, name="stem_conv")(x)
+            x = nn.relu(norm(name="stem_bn")(x))
+        else:
+            raise ValueError(f"unknown stem {self.stem!r}; choose 'imagenet' or 'cifar'")
+
+        if self.block == "basic":
+            block = partial(BasicBlock, conv=conv, norm=norm)
+        else:
+            block = partial(
+                Bottleneck,
+                conv=conv,
+                norm=norm,
+                cardinality=self.cardinality,
+                base_width=self.base_width,
+                form=self.form,
+            )
+        for i, num_blocks in enumerate(self.stage_sizes):
+            for j in range(num_blocks):
+                x = block(
+                    planes=self.planes * 2**i,
+                    strides=2 if i > 0 and j == 0 else 1,
+                    shortcut=self.shortcut,
+                    zero_init_last_bn=self.zero_init_last_bn,
+                    name=f"stage{i + 1}_block{j}",
+                )(x)
+        x = jnp.mean(x, axis=(1, 2))
+        x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+        return x.astype(jnp.float32)

@@ -1,0 +1,1 @@
+"""Convolution: the layer every block uses (conv) and how it runs (xla_convs, onednn)."""

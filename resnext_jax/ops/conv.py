@@ -1,0 +1,146 @@
+"""The one convolution layer every block uses, and the choice of how each conv runs.
+
+Every implementation reads the same parameter: the `(kh, kw, in/groups, out)` kernel that
+`flax.linen.Conv(feature_group_count=groups)` stores, so a checkpoint never depends on
+which implementation trained it. The implementations (`IMPLS`, chosen by a model's
+`conv_impl`) are XLA's native grouped conv and its rewrites (resnext_jax/ops/xla_convs.py)
+and oneDNN's kernels as XLA custom calls (resnext_jax/ops/onednn.py):
+
+    onednn     oneDNN's JIT conv kernels, the library PyTorch's CPU convs use
+    xla        XLA's own `feature_group_count` conv
+    dense      one dense conv with the block-diagonal kernel (never picked by `auto`)
+    shift      kh*kw*in/groups fused multiply-adds of shifted inputs (narrow groups)
+    matmul     im2col, then a matmul batched over groups (never picked by `auto`)
+    xla_wgrad  the native conv with a faster kernel gradient (wide groups)
+
+`auto` picks per backend and shape (`select_impl`); `xla_auto` picks the same way among the
+XLA formulations only (what `auto` does where oneDNN cannot run). Dense convs are not
+grouped-conv choices: on CPU a dense 1x1 conv runs as `pointwise` (one matmul over
+positions), any other as `xla`. `KERNELS` holds every name `select_impl` returns.
+docs/benchmarks.md ("Grouped convolution through oneDNN", "Grouped convolution on XLA CPU")
+has the measurements behind the rules.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from resnext_jax.ops import onednn, xla_convs
+
+# He init with fan-out, as in the paper's code and torchvision (kaiming_normal_, mode="fan_out").
+he_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+# The grouped-conv implementations a model can be told to use (model.conv_impl).
+IMPLS: dict[str, Callable] = {
+    "xla": xla_convs.native,
+    "dense": xla_convs.dense,
+    "shift": xla_convs.shift,
+    "matmul": xla_convs.matmul,
+    "xla_wgrad": xla_convs.xla_wgrad,
+    "onednn": onednn.grouped_conv,
+}
+# Every kernel `select_impl` may return: the above, and `pointwise` for dense 1x1 convs.
+KERNELS: dict[str, Callable] = {**IMPLS, "pointwise": xla_convs.pointwise}
+
+
+AUTO = ("auto", "xla_auto")  # the two choosers; `xla_auto` never picks `onednn`
+CHOICES = (*AUTO, *IMPLS)
+
+
+def onednn_usable() -> bool:
+    """Whether `auto` may pick `onednn`: it is built and loaded.
+
+    On any number of devices: the trainer's and the benchmark's steps run one program per
+    device (resnext_jax/devices/parallel.py), so XLA never has to split the custom call over
+    a mesh, which it cannot (under a plain `jax.jit` over a batch-sharded input it would run
+    the whole batch on every device).
+    """
+    return onednn.available()
+
+
+def select_impl(x_shape, kernel_shape, strides, groups, backend=None, use_onednn=None) -> str:
+    """The kernel (a key of `KERNELS`) that `auto` runs for this conv on this backend.
+
+    Off CPU: XLA's native conv (no measurement there says otherwise). On CPU, dense convs:
+    `pointwise` for 1x1, `xla` otherwise. Grouped convs: `onednn` wherever it can run
+    (`use_onednn`, default `onednn_usable()`); without it (`xla_auto`), `shift` at narrow
+    groups (in/groups <= 8 with at most 72 taps per output), and at in/groups <= 16 on
+    stride-1 maps of at least 56x56 with at most 128 input channels; `xla_wgrad` everywhere
+    else. `dense` and `matmul` are never picked: `dense`'s zero blocks would show up in every
+    FLOP count read from XLA, and `matmul` never beat `xla_wgrad` by much. The rules follow
+    scripts/bench_grouped_conv.py's tables in docs/benchmarks.md.
+    """
+    backend = backend or jax.default_backend()
+    kh, kw, group_in, _ = kernel_shape
+    if backend != "cpu":
+        return "xla"
+    if groups == 1:
+        return "pointwise" if (kh, kw) == (1, 1) else "xla"
+    if onednn_usable() if use_onednn is None else use_onednn:
+        return "onednn"
+    taps = kh * kw * group_in  # multiply-adds per output of `shift`'s fused loop body
+    if group_in <= 8 and taps <= 72:
+        return "shift"
+    large_map = min(x_shape[1:3]) >= 56
+    narrow = x_shape[3] <= 128
+    if group_in <= 16 and taps <= 144 and large_map and narrow and strides == 1:
+        return "shift"
+    return "xla_wgrad"
+
+
+def resolve_impl(impl, x_shape, kernel_shape, strides, groups) -> str:
+    """`impl` itself, or for `auto` and `xla_auto` what `select_impl` picks for this conv."""
+    if impl not in AUTO:
+        return impl
+    use_onednn = False if impl == "xla_auto" else None
+    return select_impl(x_shape, kernel_shape, strides, groups, use_onednn=use_onednn)
+
+
+def conv2d(x, kernel, *, strides=1, padding=0, groups=1, impl="auto"):
+    """2-D convolution of NHWC `x` with an HWIO `kernel` split into `groups` groups."""
+    impl = resolve_impl(impl, x.shape, kernel.shape, strides, groups)
+    if impl not in KERNELS:
+        raise ValueError(f"unknown conv impl {impl!r}; choose one of {list(CHOICES)}")
+    return KERNELS[impl](x, kernel, strides, padding, groups)
+
+
+class Conv(nn.Module):
+    """Bias-free square conv with symmetric padding k//2 (torchvision's), optionally grouped.
+
+    `impl` chooses how a grouped conv runs; an ungrouped one always takes `auto` (on CPU,
+    `pointwise` for 1x1 and XLA's own conv otherwise), so forcing an implementation for a
+    model's grouped 3x3s leaves its dense convs alone.
+    """
+
+    features: int
+    kernel_size: int
+    strides: int = 1
+    groups: int = 1
+    impl: str = "auto"
+    dtype: Any = jnp.float32
+    kernel_init: Callable = he_fan_out
+
+    @nn.compact
+    def __call__(self, x):
+        in_features = x.shape[-1]
+        if in_features % self.groups or self.features % self.groups:
+            raise ValueError(
+                f"{self.name}: {self.groups} groups must divide both the input width "
+                f"{in_features} and the output width {self.features}"
+            )
+        k = self.kernel_size
+        kernel = self.param(
+            "kernel", self.kernel_init, (k, k, in_features // self.groups, self.features)
+        )
+        return conv2d(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            strides=self.strides,
+            padding=k // 2,
+            groups=self.groups,
+            impl=self.impl if self.groups > 1 else "auto",
+        )

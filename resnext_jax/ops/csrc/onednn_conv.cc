@@ -1,0 +1,231 @@
+// Grouped 2-D convolution on CPU through oneDNN, as three XLA FFI handlers: the forward conv,
+// its input gradient and its kernel gradient. resnext_jax/onednn.py builds this file and
+// registers the handlers; resnext_jax/ops/onednn.py's `grouped_conv` calls them.
+//
+// Layouts are this project's: NHWC activations, and the (kh, kw, in/groups, out) kernel that
+// flax's `nn.Conv(feature_group_count=groups)` stores, with output channel g*(out/groups)+o
+// in group g. oneDNN reads the activations in place (format tag nhwc) and the kernel through
+// a strided descriptor, reordered into whatever layout the chosen primitive prefers.
+// Square kernels are not assumed; padding is symmetric, dilation 1, float32 only.
+
+#include <cstdint>
+#include <exception>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using dnnl::memory;
+using Tag = memory::format_tag;
+using F32 = ffi::Buffer<ffi::F32>;
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// One conv problem: activations n x h x w x c in, n x ho x wo x out out, kh x kw kernel.
+struct Problem {
+  int64_t n, h, w, c, out, kh, kw, stride, pad, groups;
+  int64_t ho() const { return (h + 2 * pad - kh) / stride + 1; }
+  int64_t wo() const { return (w + 2 * pad - kw) / stride + 1; }
+  auto key() const { return std::tie(n, h, w, c, out, kh, kw, stride, pad, groups); }
+  bool operator<(const Problem& o) const { return key() < o.key(); }
+
+  memory::desc src() const { return {{n, c, h, w}, memory::data_type::f32, Tag::nhwc}; }
+  memory::desc dst() const { return {{n, out, ho(), wo()}, memory::data_type::f32, Tag::nhwc}; }
+  memory::dims kernel_dims() const { return {groups, out / groups, c / groups, kh, kw}; }
+  // The flax kernel (kh, kw, in/groups, out) seen as oneDNN's (groups, out/groups, in/groups,
+  // kh, kw).
+  memory::desc user_kernel() const {
+    const int64_t gi = c / groups;
+    return {kernel_dims(), memory::data_type::f32,
+            memory::dims{out / groups, 1, out, kw * gi * out, gi * out}};
+  }
+  memory::desc any_kernel() const {
+    return {kernel_dims(), memory::data_type::f32, Tag::any};
+  }
+  memory::dims strides() const { return {stride, stride}; }
+  memory::dims pads() const { return {pad, pad}; }
+};
+
+// Primitives built once per problem (oneDNN's JIT compiles each one) and reused. XLA may run
+// them on any of its threads, two at once (a layer's two gradients, or the kernel gradients of
+// two layers of the same shape): oneDNN's own scratchpad allows neither, so each call brings
+// its own (scratchpad_mode::user, `Scratch` below).
+struct Primitives {
+  dnnl::convolution_forward::primitive_desc fwd_pd;
+  dnnl::convolution_forward fwd;
+  dnnl::convolution_backward_data::primitive_desc bwd_data_pd;
+  dnnl::convolution_backward_data bwd_data;
+  dnnl::convolution_backward_weights::primitive_desc bwd_weights_pd;
+  dnnl::convolution_backward_weights bwd_weights;
+
+  explicit Primitives(const Problem& p) {
+    auto& engine = Engine();
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    fwd_pd = dnnl::convolution_forward::primitive_desc(
+        engine, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
+        p.src(), p.any_kernel(), p.dst(), p.strides(), p.pads(), p.pads(), attr);
+    fwd = dnnl::convolution_forward(fwd_pd);
+    bwd_data_pd = dnnl::convolution_backward_data::primitive_desc(
+        engine, dnnl::algorithm::convolution_direct, p.src(), p.any_kernel(), p.dst(),
+        p.strides(), p.pads(), p.pads(), fwd_pd, attr);
+    bwd_data = dnnl::convolution_backward_data(bwd_data_pd);
+    bwd_weights_pd = dnnl::convolution_backward_weights::primitive_desc(
+        engine, dnnl::algorithm::convolution_direct, p.src(), p.any_kernel(), p.dst(),
+        p.strides(), p.pads(), p.pads(), fwd_pd, attr);
+    bwd_weights = dnnl::convolution_backward_weights(bwd_weights_pd);
+  }
+};
+
+Primitives& Get(const Problem& p) {
+  static std::mutex mutex;
+  static std::map<Problem, std::unique_ptr<Primitives>> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto& slot = cache[p];
+  if (!slot) slot = std::make_unique<Primitives>(p);
+  return *slot;
+}
+
+ffi::Unexpected<ffi::Error> Invalid(const char* message) {
+  return ffi::Unexpected(ffi::Error::InvalidArgument(message));
+}
+
+// The problem from the activations and kernel shapes, checked against the output's.
+ffi::ErrorOr<Problem> MakeProblem(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k,
+                                  ffi::Span<const int64_t> y, int64_t stride, int64_t pad,
+                                  int64_t groups) {
+  if (x.size() != 4 || k.size() != 4 || y.size() != 4)
+    return Invalid("onednn conv: activations and kernel must be 4-D");
+  Problem p{x[0], x[1], x[2], x[3], k[3], k[0], k[1], stride, pad, groups};
+  if (groups < 1 || p.c % groups || p.out % groups || k[2] * groups != p.c)
+    return Invalid("onednn conv: kernel does not match the groups");
+  if (stride < 1 || pad < 0 || p.ho() < 1 || p.wo() < 1 || y[0] != p.n || y[1] != p.ho() ||
+      y[2] != p.wo() || y[3] != p.out)
+    return Invalid("onednn conv: output shape does not match the conv");
+  return p;
+}
+
+// Runs `body` and turns an exception into an FFI error.
+template <typename Body>
+ffi::Error Guard(Body body) {
+  try {
+    body();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
+  } catch (const std::exception& e) {  // out of memory, say: never unwind into XLA
+    return ffi::Error::Internal(std::string("onednn conv: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+// This call's own scratchpad for a primitive built with scratchpad_mode::user.
+template <typename PrimitiveDesc>
+memory Scratch(const PrimitiveDesc& pd) {
+  return memory(pd.scratchpad_desc(), Engine());
+}
+
+// The kernel in the layout `want`, from the user's buffer (a reorder when they differ).
+memory KernelFor(const Problem& p, const memory::desc& want, void* data, dnnl::stream& s) {
+  memory user(p.user_kernel(), Engine(), data);
+  if (want == p.user_kernel()) return user;
+  memory kernel(want, Engine());
+  dnnl::reorder(user, kernel).execute(s, user, kernel);
+  return kernel;
+}
+
+ffi::Error Forward(F32 x, F32 kernel, ffi::ResultBuffer<ffi::F32> y, int64_t stride,
+                   int64_t padding, int64_t groups) {
+  auto p = MakeProblem(x.dimensions(), kernel.dimensions(), y->dimensions(), stride, padding,
+                       groups);
+  if (p.has_error()) return p.error();
+  return Guard([&] {
+    auto& prims = Get(*p);
+    dnnl::stream s(Engine());
+    memory k = KernelFor(*p, prims.fwd_pd.weights_desc(), kernel.untyped_data(), s);
+    memory src(p->src(), Engine(), x.untyped_data());
+    memory dst(p->dst(), Engine(), y->untyped_data());
+    prims.fwd.execute(s, {{DNNL_ARG_SRC, src},
+                          {DNNL_ARG_WEIGHTS, k},
+                          {DNNL_ARG_DST, dst},
+                          {DNNL_ARG_SCRATCHPAD, Scratch(prims.fwd_pd)}});
+    s.wait();
+  });
+}
+
+ffi::Error InputGrad(F32 dy, F32 kernel, ffi::ResultBuffer<ffi::F32> dx, int64_t stride,
+                     int64_t padding, int64_t groups) {
+  auto p = MakeProblem(dx->dimensions(), kernel.dimensions(), dy.dimensions(), stride, padding,
+                       groups);
+  if (p.has_error()) return p.error();
+  return Guard([&] {
+    auto& prims = Get(*p);
+    dnnl::stream s(Engine());
+    memory k = KernelFor(*p, prims.bwd_data_pd.weights_desc(), kernel.untyped_data(), s);
+    memory diff_dst(p->dst(), Engine(), dy.untyped_data());
+    memory diff_src(p->src(), Engine(), dx->untyped_data());
+    prims.bwd_data.execute(s, {{DNNL_ARG_DIFF_DST, diff_dst},
+                               {DNNL_ARG_WEIGHTS, k},
+                               {DNNL_ARG_DIFF_SRC, diff_src},
+                               {DNNL_ARG_SCRATCHPAD, Scratch(prims.bwd_data_pd)}});
+    s.wait();
+  });
+}
+
+ffi::Error KernelGrad(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dk, int64_t stride,
+                      int64_t padding, int64_t groups) {
+  auto p = MakeProblem(x.dimensions(), dk->dimensions(), dy.dimensions(), stride, padding,
+                       groups);
+  if (p.has_error()) return p.error();
+  return Guard([&] {
+    auto& prims = Get(*p);
+    dnnl::stream s(Engine());
+    memory src(p->src(), Engine(), x.untyped_data());
+    memory diff_dst(p->dst(), Engine(), dy.untyped_data());
+    memory user(p->user_kernel(), Engine(), dk->untyped_data());
+    const auto want = prims.bwd_weights_pd.diff_weights_desc();
+    memory diff_k = want == p->user_kernel() ? user : memory(want, Engine());
+    prims.bwd_weights.execute(s, {{DNNL_ARG_SRC, src},
+                                  {DNNL_ARG_DIFF_DST, diff_dst},
+                                  {DNNL_ARG_DIFF_WEIGHTS, diff_k},
+                                  {DNNL_ARG_SCRATCHPAD, Scratch(prims.bwd_weights_pd)}});
+    if (want != p->user_kernel()) dnnl::reorder(diff_k, user).execute(s, diff_k, user);
+    s.wait();
+  });
+}
+
+}  // namespace
+
+// Built with -fvisibility=hidden: only these four symbols leave the library.
+#define EXPORT extern "C" __attribute__((visibility("default")))
+EXPORT XLA_FFI_Error* ResnextOnednnConvForward(XLA_FFI_CallFrame*);
+EXPORT XLA_FFI_Error* ResnextOnednnConvInputGrad(XLA_FFI_CallFrame*);
+EXPORT XLA_FFI_Error* ResnextOnednnConvKernelGrad(XLA_FFI_CallFrame*);
+
+#define CONV_ATTRS Attr<int64_t>("stride").Attr<int64_t>("padding").Attr<int64_t>("groups")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    ResnextOnednnConvForward, Forward,
+    ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<ffi::Buffer<ffi::F32>>().CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    ResnextOnednnConvInputGrad, InputGrad,
+    ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<ffi::Buffer<ffi::F32>>().CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    ResnextOnednnConvKernelGrad, KernelGrad,
+    ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<ffi::Buffer<ffi::F32>>().CONV_ATTRS);
+
+// For the Python side's sanity check: the oneDNN version this file was built against.
+EXPORT int ResnextOnednnVersion() {
+  const dnnl_version_t* v = dnnl_version();
+  return v->major * 10000 + v->minor * 100 + v->patch;
+}

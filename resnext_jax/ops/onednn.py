@@ -1,0 +1,226 @@
+"""oneDNN's grouped convolution on CPU, called from XLA as FFI custom calls (the `onednn` impl).
+
+XLA CPU has no fast kernel for narrow-group convolutions (docs/benchmarks.md); oneDNN, the
+library PyTorch's CPU convolutions run on, has JIT-compiled ones. `csrc/onednn_conv.cc` wraps
+its forward conv, input gradient and kernel gradient as three XLA FFI handlers that read this
+project's NHWC activations in place and its flax kernel layout through a strided view.
+
+The wrapper is compiled on first use with the system C++ compiler (`$CXX`, else `c++`) against
+the oneDNN headers and library that requirements.txt installs into the environment
+(`onednn-devel-cpu-gomp`, `onednn-cpu-gomp`; `/usr` and `/usr/local` are searched too, for
+Debian's `libdnnl-dev`). The library lands in `$RESNEXT_JAX_CACHE` (default
+`~/.cache/resnext_jax`), named by a hash of the source and the build inputs, so a changed
+source or environment builds afresh and concurrent processes never see a half-written file.
+`scripts/setup.sh` builds it once. Where anything is missing (another OS or CPU, no compiler,
+no oneDNN) `available()` is False, `unavailable_reason()` says why, and `auto` keeps to the
+XLA formulations; `RESNEXT_JAX_ONEDNN=0` turns the path off.
+
+`grouped_conv` is the differentiable conv built on the three calls (float32 inside; other
+dtypes are cast), on CPU only. The calls are opaque to XLA: its cost analysis counts no FLOPs
+for them (`resnext_jax.models.inspector.xla_flops` compiles with XLA's own conv for that
+reason), and its sharding propagation cannot split them, so they run only inside per-device
+steps (resnext_jax/devices/parallel.py).
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from resnext_jax.devices import parallel
+
+SOURCE = Path(__file__).with_name("csrc") / "onednn_conv.cc"
+SWITCH = "RESNEXT_JAX_ONEDNN"
+CACHE = "RESNEXT_JAX_CACHE"
+TARGETS = {
+    "forward": "ResnextOnednnConvForward",
+    "input_grad": "ResnextOnednnConvInputGrad",
+    "kernel_grad": "ResnextOnednnConvKernelGrad",
+}
+FLAGS = ["-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
+# jaxlib's FFI headers trip two harmless GCC warnings; keep a build log readable.
+QUIET = ["-Wno-attributes", "-Wno-return-type"]
+HEADER = Path("include", "oneapi", "dnnl", "dnnl.hpp")
+LIB_DIRS = ("lib", "lib64", "lib/x86_64-linux-gnu", "lib/aarch64-linux-gnu")
+
+
+class OnednnUnavailable(RuntimeError):
+    """The oneDNN path cannot run here; the message says why and what to do."""
+
+
+def find_onednn(prefixes=None) -> tuple[Path, Path] | None:
+    """(include dir, library dir) of the first oneDNN install with both headers and library."""
+    prefixes = prefixes or (sys.prefix, "/usr/local", "/usr")
+    for prefix in map(Path, prefixes):
+        if not (prefix / HEADER).exists():
+            continue
+        for lib in LIB_DIRS:
+            if (prefix / lib / "libdnnl.so").exists():
+                return prefix / "include", prefix / lib
+    return None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE) or Path.home() / ".cache" / "resnext_jax")
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
+def build() -> Path:
+    """Compile the wrapper (if not already in the cache) and return the library's path."""
+    found = find_onednn()
+    if found is None:
+        raise OnednnUnavailable(
+            "oneDNN's headers and libdnnl.so were not found under "
+            f"{sys.prefix}, /usr/local or /usr; install onednn-cpu-gomp and "
+            "onednn-devel-cpu-gomp (requirements.txt) or Debian's libdnnl-dev"
+        )
+    compiler = _compiler()
+    if compiler is None:
+        raise OnednnUnavailable("no C++ compiler ($CXX or c++); install g++ (Debian: g++)")
+    include, lib = found
+    command = [
+        compiler,
+        *FLAGS,
+        *QUIET,
+        str(SOURCE),
+        f"-I{include}",
+        f"-I{jax.ffi.include_dir()}",
+        f"-L{lib}",
+        "-ldnnl",
+        f"-Wl,-rpath,{lib.resolve()}",
+    ]
+    key = hashlib.sha256(SOURCE.read_bytes())
+    key.update(" ".join(command).encode())
+    key.update((lib / "libdnnl.so").resolve().name.encode())
+    key.update(jax.__version__.encode())
+    path = cache_dir() / f"onednn_conv-{key.hexdigest()[:16]}.so"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        partial = Path(tmp, path.name)
+        done = subprocess.run([*command, "-o", str(partial)], capture_output=True, text=True)
+        if done.returncode:
+            raise OnednnUnavailable(
+                f"building {SOURCE.name} failed ({' '.join(command)}):\n{done.stderr[-2000:]}"
+            )
+        os.replace(partial, path)  # atomic: another process sees the old file or the new one
+    return path
+
+
+@functools.cache
+def _load() -> str | None:
+    """Build, load and register the FFI targets once per process; the reason if that failed."""
+    if os.environ.get(SWITCH, "1") == "0":
+        return f"turned off by {SWITCH}=0"
+    if not sys.platform.startswith("linux"):
+        return f"built only on Linux here, not {sys.platform}"
+    try:
+        library = ctypes.CDLL(str(build()))
+    except (OnednnUnavailable, OSError) as e:
+        return str(e)
+    for target, symbol in TARGETS.items():
+        capsule = jax.ffi.pycapsule(getattr(library, symbol))
+        jax.ffi.register_ffi_target(_name(target), capsule, platform="cpu")
+    return None
+
+
+def _name(target: str) -> str:
+    return f"resnext_onednn_conv_{target}"
+
+
+def available() -> bool:
+    """Whether the `onednn` impl can run in this process (builds it on the first call)."""
+    return _load() is None
+
+
+def unavailable_reason() -> str | None:
+    return _load()
+
+
+def require() -> None:
+    reason = _load()
+    if reason is not None:
+        raise OnednnUnavailable(
+            f"the onednn conv impl is unavailable: {reason}. Pick another impl "
+            "(--config.model.conv_impl=auto) or fix the cause."
+        )
+
+
+def _call(target, out_shape, a, b, strides, padding, groups):
+    require()
+    if a.dtype != np.float32 or b.dtype != np.float32:
+        raise TypeError(f"the onednn conv impl runs float32 only, got {a.dtype} and {b.dtype}")
+    a, b = parallel.vary_like(a, b), parallel.vary_like(b, a)  # one type for both operands
+    # The result is typed like the operands, so that inside a per-device step (shard_map) it
+    # varies over the same mesh axes: typed as replicated, autodiff would sum its cotangents
+    # over the devices.
+    result = jax.typeof(a).update(shape=tuple(out_shape), dtype=np.dtype(np.float32))
+    call = jax.ffi.ffi_call(_name(target), result, vmap_method="sequential")
+    return call(a, b, stride=np.int64(strides), padding=np.int64(padding), groups=np.int64(groups))
+
+
+def output_shape(x_shape, kernel_shape, strides, padding):
+    n, h, w, _ = x_shape
+    kh, kw, _, out = kernel_shape
+    return (n, (h + 2 * padding - kh) // strides + 1, (w + 2 * padding - kw) // strides + 1, out)
+
+
+def forward(x, kernel, strides, padding, groups):
+    shape = output_shape(x.shape, kernel.shape, strides, padding)
+    return _call("forward", shape, x, kernel, strides, padding, groups)
+
+
+def input_grad(dy, kernel, x_shape, strides, padding, groups):
+    return _call("input_grad", x_shape, dy, kernel, strides, padding, groups)
+
+
+def kernel_grad(x, dy, kernel_shape, strides, padding, groups):
+    return _call("kernel_grad", kernel_shape, x, dy, strides, padding, groups)
+
+
+if __name__ == "__main__":  # `python -m resnext_jax.ops.onednn`: build now, say where or why not
+    reason = _load()
+    print(f"onednn conv: {'unavailable: ' + reason if reason else build()}")
+    sys.exit(0)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def grouped_conv(x, kernel, strides, padding, groups):
+    """oneDNN's conv and its two gradients as XLA FFI custom calls.
+
+    oneDNN runs in float32 here; other dtypes are cast to it and back, as `shift` also
+    accumulates in float32.
+    """
+    f32 = jnp.float32
+    y = forward(x.astype(f32), kernel.astype(f32), strides, padding, groups)
+    return y.astype(x.dtype)
+
+
+def _grouped_conv_fwd(x, kernel, strides, padding, groups):
+    return grouped_conv(x, kernel, strides, padding, groups), (x, kernel)
+
+
+def _grouped_conv_bwd(strides, padding, groups, residuals, dy):
+    x, kernel = residuals
+    f32 = jnp.float32
+    x32, k32, dy32 = x.astype(f32), kernel.astype(f32), dy.astype(f32)
+    dx = input_grad(dy32, k32, x.shape, strides, padding, groups)
+    dw = kernel_grad(x32, dy32, kernel.shape, strides, padding, groups)
+    return dx.astype(x.dtype), dw.astype(kernel.dtype)
+
+
+grouped_conv.defvjp(_grouped_conv_fwd, _grouped_conv_bwd)

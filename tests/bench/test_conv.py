@@ -1,0 +1,30 @@
+"""resnext_jax.bench.conv (scripts/bench_grouped_conv.py): shape specs and the rows it times."""
+
+import jax.numpy as jnp
+import pytest
+
+from resnext_jax.bench import conv as bench
+from resnext_jax.ops.conv import select_impl
+
+
+def test_parse_shape_defaults_and_options():
+    assert bench.parse_shape("16x56x56x128:g32") == ((16, 56, 56, 128), 3, 1, 32, 128)
+    assert bench.parse_shape("16x56x56x256:k1:s2:o512") == ((16, 56, 56, 256), 1, 2, 1, 512)
+    with pytest.raises(ValueError, match="use gN, kN, sN or oN"):
+        bench.parse_shape("16x56x56x256:x3")
+
+
+@pytest.mark.slow
+def test_pointwise_rows_only_on_dense_1x1_shapes():
+    _, rows = bench.bench_shape("2x5x5x8:k1:s2:o12", ["pointwise", "shift"], False, 1, jnp.float32)
+    assert [r.split(" | ")[1] for r in rows] == ["dense C=1", "pointwise (auto)", "shift"]
+    _, rows = bench.bench_shape("2x5x5x8:g2", ["pointwise", "shift"], False, 1, jnp.float32)
+    mark = "auto" if select_impl((2, 5, 5, 8), (3, 3, 4, 8), 1, 2) == "shift" else "xla_auto"
+    assert [r.split(" | ")[1] for r in rows] == ["dense C=1", f"shift ({mark})"]
+
+
+def test_an_unknown_impl_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--impls=shift,nope"])
+    assert exit_info.value.code == 2
+    assert "unknown impls ['nope']" in capsys.readouterr().err

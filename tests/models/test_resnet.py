@@ -1,0 +1,207 @@
+"""Forward and backward passes of tiny variants, BN semantics, block structure."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from resnext_jax.models import fig3
+from resnext_jax.models.resnet import BatchNorm
+from resnext_jax.models.variants import build_model
+from tests.conftest import init
+
+TINY = {
+    "basic": dict(name="_tiny_basic"),
+    "bottleneck": dict(name="_tiny_bottleneck"),
+    "grouped": dict(name="_tiny_resnext"),
+    "imagenet_stem": dict(name="_tiny_imagenet_resnext"),
+    "plain": dict(name="_tiny_resnext", shortcut=False),
+    "depthwise": dict(name="_tiny_resnext", cardinality=8, base_width=8),
+    "zero_init": dict(name="_tiny_resnext", zero_init_last_bn=True),
+}
+
+
+def _loss(model, variables, x, labels, train):
+    def loss_fn(params):
+        out = model.apply(
+            {**variables, "params": params}, x, train=train,
+            mutable=["batch_stats"] if train else False,
+        )  # fmt: skip
+        logits = out[0] if train else out
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), out
+
+    return jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+
+
+# The ResNet blocks and the ImageNet stem compile longest: full suite only.
+SLOW_VARIANTS = ("basic", "bottleneck", "imagenet_stem", "plain", "zero_init")
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(
+    "variant",
+    [pytest.param(v, marks=pytest.mark.slow) if v in SLOW_VARIANTS else v for v in TINY],
+)
+def test_forward_backward(variant, train, tiny_batch):
+    kwargs = dict(TINY[variant])
+    model = build_model(kwargs.pop("name"), **kwargs)
+    variables = init(model, tiny_batch)
+    labels = jnp.arange(4) % 10
+    (loss, out), grads = _loss(model, variables, tiny_batch, labels, train)
+    logits = out[0] if train else out
+    assert logits.shape == (4, 10) and logits.dtype == jnp.float32
+    assert np.isfinite(loss)
+    norms = jax.tree.map(lambda g: float(jnp.abs(g).sum()), grads)
+    assert all(np.isfinite(n) for n in jax.tree.leaves(norms))
+    if variant == "zero_init":  # the residual branches start silent: only bn3 learns at first
+        assert norms["stage1_block0"]["bn3"]["scale"] > 0
+        assert norms["stage1_block0"]["conv1"]["kernel"] == 0
+    else:
+        assert all(n > 0 for n in jax.tree.leaves(norms))
+    if train:
+        new_stats = out[1]["batch_stats"]
+        changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"],
+                               new_stats)  # fmt: skip
+        assert all(jax.tree.leaves(changed))
+
+
+def test_block_structure_and_names():
+    variables = jax.eval_shape(
+        lambda: build_model("resnext50_32x4d").init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    )
+    params = variables["params"]
+    assert set(params) == {"stem_conv", "stem_bn", "head"} | {
+        f"stage{i}_block{j}"
+        for i, n in zip(range(1, 5), (3, 4, 6, 3), strict=True)
+        for j in range(n)
+    }
+    first = params["stage2_block0"]
+    assert set(first) == {"conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "proj_conv", "proj_bn"}
+    # Group conv kernel: (3, 3, width / C, width) with width 256 = 32 x 8 in stage 2.
+    assert first["conv2"]["kernel"].shape == (3, 3, 8, 256)
+    assert first["conv1"]["kernel"].shape == (1, 1, 256, 256)
+    assert first["conv3"]["kernel"].shape == (1, 1, 256, 512)
+    assert "proj_conv" not in params["stage2_block1"]
+    assert params["stem_conv"]["kernel"].shape == (7, 7, 3, 64)
+    assert set(variables["batch_stats"]["stem_bn"]) == {"mean", "var"}
+
+
+def test_plain_ablation_has_no_shortcut_params():
+    variables = jax.eval_shape(
+        lambda: build_model("resnext50_32x4d", shortcut=False).init(
+            jax.random.key(0), jnp.zeros((1, 64, 64, 3))
+        )
+    )
+    assert not any("proj_conv" in block for block in variables["params"].values())
+
+
+def test_stride_on_grouped_3x3():
+    model = build_model("_tiny_resnext")
+    x = jnp.zeros((1, 16, 16, 3))
+    shapes = {}
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and context.module.name in ("conv1", "conv2"):
+            shapes[context.module.path] = (args[0].shape[1], out.shape[1])
+        return out
+
+    import flax.linen as nn
+
+    with nn.intercept_methods(record):
+        model.init(jax.random.key(0), x)
+    assert shapes[("stage2_block0", "conv1")] == (16, 16)
+    assert shapes[("stage2_block0", "conv2")] == (16, 8)
+
+
+def test_strided_cifar_stem_halves_the_feature_map():
+    x = jnp.zeros((2, 28, 28, 1))
+    features = {}
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and context.module.name == "stem_conv":
+            features["stem"] = out.shape
+        return out
+
+    import flax.linen as nn
+
+    for strides, size in ((1, 28), (2, 14)):
+        with nn.intercept_methods(record):
+            init(build_model("_tiny_resnext", stem_strides=strides), x)
+        assert features["stem"] == (2, size, size, 8)
+
+
+@pytest.mark.slow
+def test_zero_init_last_bn_and_he_fan_out_init():
+    v = init(build_model("_tiny_resnext", zero_init_last_bn=True), jnp.zeros((2, 16, 16, 3)))
+    assert float(jnp.abs(v["params"]["stage1_block0"]["bn3"]["scale"]).max()) == 0.0
+    assert float(v["params"]["stage1_block0"]["bn1"]["scale"].min()) == 1.0
+    # He fan-out: std sqrt(2 / (kh * kw * out)) for the (7, 7, 3, 64) stem.
+    kernel = init(build_model("_tiny_imagenet_resnext", stem_width=64),
+                  jnp.zeros((1, 32, 32, 3)))["params"]["stem_conv"]["kernel"]  # fmt: skip
+    assert abs(float(kernel.std()) - np.sqrt(2 / (49 * 64))) < 0.1 * np.sqrt(2 / (49 * 64))
+
+
+def test_grayscale_and_bfloat16():
+    x = jnp.ones((2, 28, 28, 1))
+    model = build_model("_tiny_resnext", dtype="bfloat16")
+    variables = init(model, x)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
+    assert variables["params"]["stem_conv"]["kernel"].shape[2] == 1
+    logits = model.apply(variables, x)
+    assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_batch_norm_groups_normalize_each_group_alone():
+    x = jax.random.normal(jax.random.key(0), (8, 4, 4, 3)) * 3 + jnp.arange(8)[:, None, None, None]
+    grouped = BatchNorm(group_size=4)
+    variables = grouped.init(jax.random.key(0), x)
+    y, stats = grouped.apply(variables, x, mutable=["batch_stats"])
+    whole = BatchNorm(group_size=None)
+    halves = [whole.apply(variables, x[i : i + 4], mutable=["batch_stats"]) for i in (0, 4)]
+    np.testing.assert_allclose(y, jnp.concatenate([h[0] for h in halves]), atol=1e-5)
+    mean_of_halves = (halves[0][1]["batch_stats"]["mean"] + halves[1][1]["batch_stats"]["mean"]) / 2
+    np.testing.assert_allclose(stats["batch_stats"]["mean"], mean_of_halves, atol=1e-6)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        grouped.apply(variables, x[:6], mutable=["batch_stats"])
+
+
+def test_batch_norm_eval_uses_running_statistics():
+    x = jax.random.normal(jax.random.key(0), (4, 2, 2, 3))
+    bn = BatchNorm(use_running_average=True, epsilon=0.0)
+    stats = {"mean": jnp.array([1.0, 2.0, 3.0]), "var": jnp.array([4.0, 1.0, 0.25])}
+    params = {"scale": jnp.array([1.0, 2.0, 3.0]), "bias": jnp.array([0.0, 1.0, -1.0])}
+    y = bn.apply({"params": params, "batch_stats": stats}, x)
+    expected = (x - stats["mean"]) / jnp.sqrt(stats["var"]) * params["scale"] + params["bias"]
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # two models of every form: 15-30 s of compiling each
+@pytest.mark.parametrize("form", ["paths", "concat"])
+@pytest.mark.parametrize("cardinality,base_width", [(4, 16), (8, 8)], ids=["C4", "depthwise"])
+def test_fig3_forms_are_equivalent(form, cardinality, base_width, tiny_batch):
+    """Fig. 3: (a) summed paths, (b) concatenated paths and (c) grouped conv agree."""
+    kw = dict(cardinality=cardinality, base_width=base_width)
+    grouped = build_model("_tiny_resnext", **kw)
+    other = build_model("_tiny_resnext", form=form, **kw)
+    variables = init(grouped, tiny_batch)
+    mapped = fig3.grouped_to_form(variables, form)
+    own = init(other, tiny_batch)
+    assert jax.tree.structure(mapped) == jax.tree.structure(own)
+    assert jax.tree.map(jnp.shape, mapped) == jax.tree.map(jnp.shape, own)
+    # Perturb BN statistics and affine params so that eval mode exercises them.
+    keys = iter(jax.random.split(jax.random.key(2), 1000))
+    variables = jax.tree.map(lambda a: a + 0.1 * jax.random.uniform(next(keys), a.shape),
+                             variables)  # fmt: skip
+    mapped = fig3.grouped_to_form(variables, form)
+    np.testing.assert_allclose(
+        other.apply(mapped, tiny_batch), grouped.apply(variables, tiny_batch), atol=2e-5
+    )
+    y_c, s_c = grouped.apply(variables, tiny_batch, train=True, mutable=["batch_stats"])
+    y_o, s_o = other.apply(mapped, tiny_batch, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(y_o, y_c, atol=2e-5)
+    expected = fig3.grouped_to_form({"params": variables["params"], **s_c}, form)["batch_stats"]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), s_o["batch_stats"],
+                 expected)  # fmt: skip

@@ -1,6 +1,6 @@
 // Grouped 2-D convolution on CPU through oneDNN, as three XLA FFI handlers: the forward conv,
-// its input gradient and its kernel gradient. resnext_jax/onednn.py builds this file and
-// registers the handlers; resnext_jax/ops/onednn.py's `grouped_conv` calls them.
+// its input gradient and its kernel gradient. resnext_jax/ops/onednn.py builds this file,
+// registers the handlers and calls them from its `grouped_conv`.
 //
 // Layouts are this project's: NHWC activations, and the (kh, kw, in/groups, out) kernel that
 // flax's `nn.Conv(feature_group_count=groups)` stores, with output channel g*(out/groups)+o

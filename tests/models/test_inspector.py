@@ -7,11 +7,15 @@ import pytest
 from resnext_jax.models import inspector, variants
 from resnext_jax.models.variants import build_model, model_config
 from resnext_jax.ops.conv import Conv
+from tests.conftest import slow_unless
 
 
 @pytest.mark.parametrize(
     "features,kernel,strides,groups,size",
-    [(16, 3, 1, 4, 9), (16, 3, 2, 16, 8), (8, 7, 2, 1, 15), (32, 1, 2, 1, 7), (12, 3, 1, 1, 5)],
+    slow_unless(
+        [(16, 3, 1, 4, 9), (16, 3, 2, 16, 8), (8, 7, 2, 1, 15), (32, 1, 2, 1, 7), (12, 3, 1, 1, 5)],
+        [(16, 3, 2, 16, 8), (8, 7, 2, 1, 15)],
+    ),
 )
 def test_conv_multiply_adds_match_xla_exactly(features, kernel, strides, groups, size):
     conv = Conv(features, kernel, strides, groups, impl="xla")
@@ -46,7 +50,8 @@ def test_table1_complexity():
     )
 
 
-@pytest.mark.parametrize("depth", [50, pytest.param(101, marks=pytest.mark.slow)])
+@pytest.mark.slow  # ten full-size models
+@pytest.mark.parametrize("depth", [50, 101])
 def test_table3_settings_preserve_complexity(depth):
     shape = (1, 224, 224, 3)
     resnet = build_model(f"resnet{depth}")

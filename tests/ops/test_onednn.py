@@ -114,6 +114,7 @@ def test_the_custom_calls_check_their_shapes_and_dtype():
 
 
 @needs_onednn
+@pytest.mark.slow
 def test_onednn_under_vmap_and_a_sharded_batch_matches_xla():
     """vmap runs the call per example; on a 2-device mesh XLA runs it unsplit, still right."""
     script = """

@@ -31,7 +31,7 @@ def _loss(model, variables, x, labels, train):
         logits = out[0] if train else out
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), out
 
-    return jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+    return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
 
 
 # The ResNet blocks and the ImageNet stem compile longest: full suite only.

@@ -217,7 +217,7 @@ def resolve(spec: str, args, impl: str | None = None, devices: int = 1) -> Targe
             suffix = f":{config_args}" if config_args else ""
             config = config_files.load_config(f"{config_dir / path}.py{suffix}")
         else:
-            config = config_files.load_module(config_dir / "default.py").get_config()
+            config = config_files.config_module("default").get_config()
             config.model = model
             config.dataset.image_size = 224 if model.stem == "imagenet" else 32
     res = args.res or config.dataset.image_size

@@ -46,6 +46,9 @@ def get_config():
     config.dataset.image_key = ""  # TFDS feature names; "" = the dataset's supervised keys
     config.dataset.label_key = ""
     config.dataset.workers = 0  # decoding threads per process; 0: one per CPU core
+    # An undecodable image or a label out of range: "error" stops and names it; "skip" uses
+    # the next good example in its place (README "Failure and recovery").
+    config.dataset.bad_examples = "error"
 
     # 256 images per step over 8 GPUs, 32 per GPU: model.bn_group_size keeps BN at 32 images.
     config.batch_size = 256  # global, over all devices and processes

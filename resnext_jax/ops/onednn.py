@@ -5,12 +5,15 @@ library PyTorch's CPU convolutions run on, has JIT-compiled ones. `csrc/onednn_c
 its forward conv, input gradient and kernel gradient as three XLA FFI handlers that read this
 project's NHWC activations in place and its flax kernel layout through a strided view.
 
-The wrapper is compiled on first use with the system C++ compiler (`$CXX`, else `c++`) against
-the oneDNN headers and library that requirements.txt installs into the environment
-(`onednn-devel-cpu-gomp`, `onednn-cpu-gomp`; `/usr` and `/usr/local` are searched too, for
-Debian's `libdnnl-dev`). The library lands in `$RESNEXT_JAX_CACHE` (default
-`~/.cache/resnext_jax`), named by a hash of the source and the build inputs, so a changed
-source or environment builds afresh and concurrent processes never see a half-written file.
+The wrapper is compiled on first use with the system C++ compiler (`$CXX`, a command line such
+as `ccache g++`, else `c++`) against the oneDNN headers and library that requirements.txt
+installs into the environment (`onednn-devel-cpu-gomp`, `onednn-cpu-gomp`; `/usr` and
+`/usr/local` are searched too, for Debian's `libdnnl-dev`), within `$RESNEXT_JAX_BUILD_TIMEOUT`
+seconds. The library lands in `$RESNEXT_JAX_CACHE` (default `~/.cache/resnext_jax`), named by a
+hash of the source and the build inputs, so a changed source or environment builds afresh and
+concurrent processes never see a half-written file. Loading a library runs its code, so the
+cache and the library must be the user's own and writable by no one else (a shared cache under
+/tmp is refused).
 `scripts/setup.sh` builds it once. Where anything is missing (another OS or CPU, no compiler,
 no oneDNN) `available()` is False, `unavailable_reason()` says why, and `auto` keeps to the
 XLA formulations; `RESNEXT_JAX_ONEDNN=0` turns the path off.
@@ -22,11 +25,15 @@ reason), and its sharding propagation cannot split them, so they run only inside
 steps (resnext_jax/devices/parallel.py).
 """
 
+import contextlib
 import ctypes
 import functools
 import hashlib
 import os
+import shlex
 import shutil
+import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -42,6 +49,8 @@ from resnext_jax.devices import parallel
 SOURCE = Path(__file__).with_name("csrc") / "onednn_conv.cc"
 SWITCH = "RESNEXT_JAX_ONEDNN"
 CACHE = "RESNEXT_JAX_CACHE"
+BUILD_TIMEOUT = "RESNEXT_JAX_BUILD_TIMEOUT"  # seconds
+DEFAULT_BUILD_TIMEOUT = 600  # generous: it is there to stop a hung compiler, not a slow one
 TARGETS = {
     "forward": "ResnextOnednnConvForward",
     "input_grad": "ResnextOnednnConvInputGrad",
@@ -74,8 +83,80 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE) or Path.home() / ".cache" / "resnext_jax")
 
 
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX", "c++"))
+def _compiler() -> list[str] | None:
+    """`$CXX` (else `c++`) as a command line, its first word resolved on PATH; None if absent."""
+    try:
+        words = shlex.split(os.environ.get("CXX") or "c++")
+    except ValueError:  # unbalanced quotes
+        return None
+    program = shutil.which(words[0]) if words else None
+    return [program, *words[1:]] if program else None
+
+
+def _build_timeout() -> float:
+    value = os.environ.get(BUILD_TIMEOUT) or str(DEFAULT_BUILD_TIMEOUT)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0
+    if not 0 < seconds < float("inf"):
+        raise OnednnUnavailable(
+            f"{BUILD_TIMEOUT} must be a positive number of seconds, not {value!r}"
+        )
+    return seconds
+
+
+def _check_private(path: Path) -> None:
+    """Refuse a cache entry that another user owns or can write: loading it would run their code."""
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        problem = f"is owned by uid {info.st_uid}, not by you (uid {os.getuid()})"
+    elif info.st_mode & 0o022:
+        problem = f"is writable by group or others (mode {stat.filemode(info.st_mode)})"
+    else:
+        return
+    raise OnednnUnavailable(
+        f"refusing the build cache's {path}: it {problem}, so a library there could be another "
+        f"user's code; point {CACHE} at a directory of your own, or, if {path} is meant to be "
+        f"yours alone, make it so: chown $USER {path}; chmod go-w {path}"
+    )
+
+
+def _run(command: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run the compiler; on a timeout (or an interrupt) end it and all it started."""
+    # Its own process group, so that a hung cc1plus under `g++` or `ccache` dies with it.
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as process:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):  # it may have ended meanwhile
+                os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+def _compile(command: list[str], path: Path) -> None:
+    """Compile into `path`, atomically: another process sees no file or the whole library."""
+    timeout = _build_timeout()
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        partial = Path(tmp, path.name)
+        try:
+            done = _run([*command, "-o", str(partial)], timeout)
+        except subprocess.TimeoutExpired:
+            raise OnednnUnavailable(
+                f"building {SOURCE.name} took over {timeout:g} s and was stopped "
+                f"({shlex.join(command)}); check the compiler, or allow it longer with "
+                f"{BUILD_TIMEOUT}=<seconds>"
+            ) from None
+        if done.returncode:
+            raise OnednnUnavailable(
+                f"building {SOURCE.name} failed ({shlex.join(command)}):\n{done.stderr[-2000:]}"
+            )
+        os.chmod(partial, 0o755)  # whatever the umask: _check_private refuses a writable one
+        os.replace(partial, path)
 
 
 def build() -> Path:
@@ -89,10 +170,14 @@ def build() -> Path:
         )
     compiler = _compiler()
     if compiler is None:
-        raise OnednnUnavailable("no C++ compiler ($CXX or c++); install g++ (Debian: g++)")
+        cxx = os.environ.get("CXX") or "c++"
+        raise OnednnUnavailable(
+            f"no C++ compiler: {cxx!r} ($CXX, else c++) is not a command on PATH; "
+            "install g++ (Debian: g++) or set CXX"
+        )
     include, lib = found
     command = [
-        compiler,
+        *compiler,
         *FLAGS,
         *QUIET,
         str(SOURCE),
@@ -106,18 +191,14 @@ def build() -> Path:
     key.update(" ".join(command).encode())
     key.update((lib / "libdnnl.so").resolve().name.encode())
     key.update(jax.__version__.encode())
-    path = cache_dir() / f"onednn_conv-{key.hexdigest()[:16]}.so"
+    cache = cache_dir()
+    cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_private(cache)
+    path = cache / f"onednn_conv-{key.hexdigest()[:16]}.so"
     if path.exists():
+        _check_private(path)
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        partial = Path(tmp, path.name)
-        done = subprocess.run([*command, "-o", str(partial)], capture_output=True, text=True)
-        if done.returncode:
-            raise OnednnUnavailable(
-                f"building {SOURCE.name} failed ({' '.join(command)}):\n{done.stderr[-2000:]}"
-            )
-        os.replace(partial, path)  # atomic: another process sees the old file or the new one
+    _compile(command, path)
     return path
 
 

@@ -1,9 +1,14 @@
 """The oneDNN custom calls: built where they should be, clear errors where they cannot be."""
 
+import ctypes
 import os
 import platform
+import shutil
+import stat
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -58,17 +63,121 @@ def test_build_says_what_is_missing(tmp_path, monkeypatch):
         onednn.build()
 
 
-@pytest.mark.skipif(onednn._compiler() is None, reason="no C++ compiler")
-def test_a_failed_build_shows_the_compiler_and_leaves_no_library(tmp_path, monkeypatch):
+@pytest.fixture
+def fake_onednn(tmp_path, monkeypatch):
+    """A fake oneDNN install and an empty build cache (returned) for build() to use."""
     monkeypatch.setenv(onednn.CACHE, str(tmp_path / "cache"))
     prefix = _fake_prefix(tmp_path / "prefix")
     monkeypatch.setattr(onednn, "find_onednn", lambda: (prefix / "include", prefix / "lib"))
+    return tmp_path / "cache"
+
+
+def _script(path, body):
+    """An executable shell script, to stand in for the compiler as $CXX."""
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+def _writes_its_output(tmp_path):
+    """A fake compiler that writes `built` to its last argument (build() ends with -o PATH)."""
+    return _script(tmp_path / "fake-cxx", 'for last; do :; done\necho built > "$last"\n')
+
+
+@pytest.mark.skipif(onednn._compiler() is None, reason="no C++ compiler")
+def test_a_failed_build_shows_the_compiler_and_leaves_no_library(
+    tmp_path, fake_onednn, monkeypatch
+):
     broken = tmp_path / "broken.cc"
     broken.write_text("this is not C++\n")
     monkeypatch.setattr(onednn, "SOURCE", broken)
     with pytest.raises(onednn.OnednnUnavailable, match="building broken.cc failed"):
         onednn.build()
-    assert not list((tmp_path / "cache").rglob("*.so"))
+    assert not list(fake_onednn.rglob("*.so"))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to run through `env`")
+@pytest.mark.skipif(onednn.find_onednn() is None, reason="no oneDNN to link against")
+def test_cxx_may_be_a_command_line(tmp_path, monkeypatch):
+    """`CXX="ccache g++"` is a compiler with an argument, not a program named `ccache g++`."""
+    monkeypatch.setenv(onednn.CACHE, str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", "env  g++")
+    assert onednn._compiler() == [shutil.which("env"), "g++"]
+    tiny = tmp_path / "tiny.cc"
+    tiny.write_text('extern "C" __attribute__((visibility("default"))) int answer() { return 42; }')
+    monkeypatch.setattr(onednn, "SOURCE", tiny)
+    assert ctypes.CDLL(str(onednn.build())).answer() == 42
+    monkeypatch.setenv("CXX", "'g++")  # unbalanced quote
+    assert onednn._compiler() is None
+
+
+def _gone(pid, within=10.0):
+    """Whether process `pid` has ended (exited or a zombie) within `within` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_hung_compiler_is_stopped_with_all_it_started(tmp_path, fake_onednn, monkeypatch):
+    pidfile = tmp_path / "child.pid"
+    hung = _script(tmp_path / "hung-cxx", f"sleep 30 &\necho $! > {pidfile}\nwait\n")
+    monkeypatch.setenv("CXX", str(hung))
+    monkeypatch.setenv(onednn.BUILD_TIMEOUT, "soon")
+    with pytest.raises(onednn.OnednnUnavailable, match="BUILD_TIMEOUT must be a positive number"):
+        onednn.build()
+    monkeypatch.setenv(onednn.BUILD_TIMEOUT, "2")
+    start = time.monotonic()
+    with pytest.raises(onednn.OnednnUnavailable, match=r"took over 2 s and was stopped .*hung-cxx"):
+        onednn.build()
+    assert time.monotonic() - start < 20
+    assert _gone(int(pidfile.read_text()))  # the compiler's own child too (cc1plus, say)
+    assert not list(fake_onednn.iterdir())  # neither a library nor a temporary directory
+
+
+def test_a_cache_others_can_write_is_refused_before_building(tmp_path, fake_onednn, monkeypatch):
+    """A shared cache (say under /tmp) could hold anyone's library: loading it runs their code."""
+    monkeypatch.setenv("CXX", str(_writes_its_output(tmp_path)))
+    monkeypatch.delenv(onednn.SWITCH, raising=False)
+    fake_onednn.mkdir(mode=0o700)
+    fake_onednn.chmod(0o777)
+    with pytest.raises(onednn.OnednnUnavailable, match="refusing") as refused:
+        onednn.build()
+    assert f"{fake_onednn}: it is writable by group or others (mode drwxrwxrwx)" in str(
+        refused.value
+    )
+    assert "chmod go-w" in str(refused.value) and onednn.CACHE in str(refused.value)
+    assert not list(fake_onednn.iterdir())  # nothing built into it
+    assert onednn._load.__wrapped__() == str(refused.value)  # so `auto` keeps to XLA's convs
+
+
+def test_the_cache_and_library_must_be_yours_and_private(tmp_path, fake_onednn, monkeypatch):
+    monkeypatch.setenv("CXX", str(_writes_its_output(tmp_path)))
+    umask = os.umask(0o002)  # as on systems with a group per user: the compiler's output is g+w
+    try:
+        path = onednn.build()
+    finally:
+        os.umask(umask)
+    assert path.parent == fake_onednn and path.read_text() == "built\n"
+    assert stat.S_IMODE(fake_onednn.stat().st_mode) == 0o700
+    assert stat.S_IMODE(path.stat().st_mode) & 0o022 == 0
+    assert onednn.build() == path  # the cached library passes the check
+    path.chmod(0o775)
+    with pytest.raises(onednn.OnednnUnavailable, match="writable by group or others") as refused:
+        onednn.build()
+    assert f"refusing the build cache's {path}:" in str(refused.value)
+    path.chmod(0o755)
+    uid = os.getuid()
+    monkeypatch.setattr(os, "getuid", lambda: uid + 1)
+    with pytest.raises(onednn.OnednnUnavailable, match=f"owned by uid {uid}, not by you"):
+        onednn.build()
 
 
 @pytest.mark.slow
@@ -111,6 +220,40 @@ def test_the_custom_calls_check_their_shapes_and_dtype():
         jax.block_until_ready(onednn.forward(x, kernel, 1, 1, 2))
     with pytest.raises(TypeError, match="float32"):
         onednn.forward(x.astype(jnp.bfloat16), kernel, 1, 1, 4)
+
+
+@needs_onednn
+@pytest.mark.slow
+def test_an_exception_of_any_type_reaches_python_as_an_error(tmp_path, monkeypatch):
+    """The handlers' guard around a body that throws what is no std::exception: not an abort."""
+    harness = tmp_path / "throws.cc"
+    harness.write_text(
+        f'#include "{onednn.SOURCE}"\n'
+        "ffi::Error Throws(ffi::ResultBuffer<ffi::F32>) { return Guard([] { throw 42; }); }\n"
+        "EXPORT XLA_FFI_Error* ResnextTestThrows(XLA_FFI_CallFrame*);\n"
+        "XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnextTestThrows, Throws,\n"
+        "                              ffi::Ffi::Bind().Ret<ffi::Buffer<ffi::F32>>());\n"
+    )
+    monkeypatch.setenv(onednn.CACHE, str(tmp_path / "cache"))
+    monkeypatch.setattr(onednn, "SOURCE", harness)
+    script = """
+import ctypes, sys, jax, numpy as np
+handler = jax.ffi.pycapsule(ctypes.CDLL(sys.argv[1]).ResnextTestThrows)
+jax.ffi.register_ffi_target("resnext_test_throws", handler, platform="cpu")
+call = jax.ffi.ffi_call("resnext_test_throws", jax.ShapeDtypeStruct((1,), np.float32))
+try:
+    jax.block_until_ready(call())
+except Exception as e:
+    print(e)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(onednn.build())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "onednn conv: an exception that is not a std::exception" in done.stdout
 
 
 @needs_onednn

@@ -116,7 +116,7 @@ ffi::ErrorOr<Problem> MakeProblem(ffi::Span<const int64_t> x, ffi::Span<const in
   return p;
 }
 
-// Runs `body` and turns an exception into an FFI error.
+// Runs `body` and turns any exception into an FFI error.
 template <typename Body>
 ffi::Error Guard(Body body) {
   try {
@@ -125,6 +125,8 @@ ffi::Error Guard(Body body) {
     return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
   } catch (const std::exception& e) {  // out of memory, say: never unwind into XLA
     return ffi::Error::Internal(std::string("onednn conv: ") + e.what());
+  } catch (...) {  // nor with anything else: past XLA's C frames it would end the process
+    return ffi::Error::Internal("onednn conv: an exception that is not a std::exception");
   }
   return ffi::Error::Success();
 }

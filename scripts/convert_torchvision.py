@@ -6,33 +6,28 @@ python scripts/convert_torchvision.py --reverse --checkpoint=checkpoints/resnext
     --out=resnext50_32x4d.pth --verify
 
 --verify runs torchvision's model of the same name and ours, both in eval mode, on a fixed
-random batch and exits 1 if any logit differs by more than 1e-4; a state_dict that does not
-fit the model, or a file that is not a state_dict, exits 2. torch and torchvision come
-with `bash scripts/setup.sh --test` (requirements-test.txt).
+random batch before anything is written, and exits 1, writing nothing, if any logit differs
+by more than 1e-4. A state_dict that does not fit the model, a file that is not a state_dict
+or that torch cannot read (truncated, corrupt), or an output that cannot be written exits 2;
+a failed write leaves nothing behind. torch and torchvision come with
+`bash scripts/setup.sh --test` (requirements-test.txt).
 """
 
 import argparse
 import sys
 
-import numpy as np
-
 from resnext_jax.models import interop, variants
 from resnext_jax.training import checkpoint
-
-TOLERANCE = 1e-4
 
 
 def verify(state_dict, variables, config, image_size: int) -> bool:
     """Whether torchvision's model holding `state_dict` and ours holding `variables` agree."""
-    torch_model = interop.torchvision_model(config)
-    torch_model.load_state_dict(interop.torch_tensors(state_dict))  # strict: every key used
-    images = np.random.default_rng(0).standard_normal((2, 3, image_size, image_size), np.float32)
-    diff, scale = interop.logit_difference(torch_model, variables, config, images)
-    ok = diff <= TOLERANCE
+    diff, scale = interop.verify_logits(state_dict, variables, config, image_size)
+    ok = diff <= interop.VERIFY_TOLERANCE
     print(
         f"verify: max |logit difference| from torchvision's {variants.variant_name(config)} "
         f"on 2x3x{image_size}x{image_size} random images: {diff:.3g} "
-        f"({'within' if ok else 'ABOVE'} {TOLERANCE:g}; max |logit| {scale:.3g})"
+        f"({'within' if ok else 'ABOVE'} {interop.VERIFY_TOLERANCE:g}; max |logit| {scale:.3g})"
     )
     return ok
 
@@ -59,8 +54,6 @@ def main(argv=None) -> int:
         if args.reverse:
             variables, config = checkpoint.load_variables(args.checkpoint)
             state_dict = interop.to_torchvision(variables, config)
-            interop.save_state_dict(state_dict, args.out)
-            print(f"wrote {args.out}: torchvision state_dict of {variants.variant_name(config)}")
         else:
             state_dict = interop.load_state_dict(args.weights)
             num_classes = args.num_classes
@@ -70,11 +63,19 @@ def main(argv=None) -> int:
                 )
             config = variants.model_config(args.model, num_classes=num_classes)
             variables = interop.from_torchvision(state_dict, config)
-            path = checkpoint.save_variables(args.out, variables, config)
-            print(f"wrote {path}: {args.model} with {num_classes} classes")
         if args.verify and not verify(state_dict, variables, config, args.image_size):
+            print(f"convert_torchvision: verification failed; {args.out} not written",
+                  file=sys.stderr)  # fmt: skip
             return 1
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        with interop.removed_on_failure(args.out):
+            if args.reverse:
+                interop.save_state_dict(state_dict, args.out)
+                what = f"torchvision state_dict of {variants.variant_name(config)}"
+            else:
+                checkpoint.save_variables(args.out, variables, config)
+                what = f"{args.model} with {config.num_classes} classes"
+        print(f"wrote {args.out}: {what}")
+    except (ValueError, OSError) as e:  # OSError: FileNotFoundError, FileExistsError, ...
         print(f"convert_torchvision: {e}", file=sys.stderr)
         return 2
     return 0

@@ -6,11 +6,18 @@ layer{i}.{j}.conv{k}/bn{k}, downsample.0/1, fc) and our layer names map onto it 
 `jax.eval_shape` of its init, so a state_dict of any other model fails with a ValueError
 naming the first key that differs. Conversion itself works on numpy arrays (torch tensors
 are accepted); only the helpers that read or write .pth files or build torch models import
-torch.
+torch. `scripts/convert_torchvision.py` verifies a conversion (`verify_logits`) before it
+writes anything, and never leaves a half-written output (`removed_on_failure`).
 """
 
+import contextlib
+import os
+import pathlib
 import pickle
 import re
+import secrets
+import shutil
+import zipfile
 from collections.abc import Mapping
 from functools import partial
 from typing import NamedTuple
@@ -44,6 +51,7 @@ _TORCH_NAMES = {
     "var": "running_var",
 }
 _COLLECTIONS = ("params", "batch_stats")
+VERIFY_TOLERANCE = 1e-4  # max |logit difference| that `verify_logits` accepts
 
 
 class _Entry(NamedTuple):
@@ -213,11 +221,21 @@ def load_state_dict(path) -> dict:
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # not objects it refused, but bytes it could not
+            raise _damaged(path, e) from e
+        refused = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line]
         raise ValueError(
             f"{path} is not a plain state_dict (torch.load with weights_only=True refused it, "
             "as it does a pickled model); save and pass model.state_dict() instead. "
-            f"torch said: {str(e).splitlines()[0]}"
+            f"torch said: {refused[0]}"
         ) from e
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    # What torch raises for a truncated or garbled file depends on where the damage is: miniz
+    # (RuntimeError), the unpickler (EOFError, KeyError, ...), the zip reader, or the OS.
+    except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError,
+            zipfile.BadZipFile) as e:  # fmt: skip
+        raise _damaged(path, e) from e
     if not isinstance(state_dict, Mapping) or not all(
         isinstance(v, torch.Tensor) for v in state_dict.values()
     ):
@@ -228,6 +246,16 @@ def load_state_dict(path) -> dict:
             "state_dict itself (for a training checkpoint, e.g. checkpoint['state_dict'])."
         )
     return dict(state_dict)
+
+
+def _damaged(path, error: Exception) -> ValueError:
+    size = os.path.getsize(path)
+    said = (str(error).strip().splitlines() or [""])[0]
+    return ValueError(
+        f"{path} ({size} bytes) looks truncated or corrupt: torch.load could not read it "
+        f"({type(error).__name__}{f': {said}' if said else ''}). Download it again (or save it "
+        "again with torch.save(model.state_dict(), path))."
+    )
 
 
 def torch_tensors(state_dict: Mapping) -> dict:
@@ -241,10 +269,53 @@ def torch_tensors(state_dict: Mapping) -> dict:
 
 
 def save_state_dict(state_dict: Mapping, path) -> None:
-    """Write `state_dict` (name -> numpy array or tensor) as a .pth file torch.load reads."""
+    """Write `state_dict` (name -> numpy array or tensor) as a .pth file torch.load reads.
+
+    The file appears whole or not at all: torch.save writes a temporary file beside it, which
+    then replaces `path`, so a failed save leaves `path` as it was.
+    """
     import torch
 
-    torch.save(torch_tensors(state_dict), path)
+    path = pathlib.Path(path)
+    # Not mkstemp: torch.save creates the file, so it gets the usual permissions, not 0600.
+    partial_path = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
+    try:
+        torch.save(torch_tensors(state_dict), partial_path)
+        os.replace(partial_path, path)
+    except BaseException:
+        pathlib.Path(partial_path).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def removed_on_failure(path):
+    """Run the body that writes file or folder `path`; if it raises, remove what it created.
+
+    Nothing that existed before the body ran is removed: of a folder that existed, only the
+    entries the body added; of folders it created above `path`, the topmost.
+    """
+    path = pathlib.Path(path).absolute()
+    created = path
+    while not created.parent.exists():
+        created = created.parent
+    existed = os.path.lexists(path)
+    before = set(path.iterdir()) if path.is_dir() and not path.is_symlink() else None
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            _remove(created)
+        elif before is not None:
+            for entry in set(path.iterdir()) - before:
+                _remove(entry)
+        raise
+
+
+def _remove(path: pathlib.Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def torchvision_model(config):
@@ -282,6 +353,17 @@ def torchvision_model(config):
             width_per_group=config.base_width,
         )
     return model.eval()
+
+
+def verify_logits(state_dict: Mapping, variables, config, image_size: int = 224):
+    """Max |logit difference| of torchvision's model holding `state_dict` and ours, max |logit|.
+
+    On 2 fixed random images; the two agree if the difference is at most VERIFY_TOLERANCE.
+    """
+    torch_model = torchvision_model(config)
+    torch_model.load_state_dict(torch_tensors(state_dict))  # strict: every key used
+    images = np.random.default_rng(0).standard_normal((2, 3, image_size, image_size), np.float32)
+    return logit_difference(torch_model, variables, config, images)
 
 
 def logit_difference(torch_model, variables, config, images: np.ndarray) -> tuple[float, float]:

@@ -175,3 +175,129 @@ def test_script_converts_verifies_and_exports(tmp_path):
     done = _script("--model=resnet50", f"--weights={tmp_path / 'resnet18.pth'}",
                    f"--out={tmp_path / 'wrong'}")  # fmt: skip
     assert done.returncode == 2 and "does not match resnet50" in done.stderr
+
+
+def _damage(tmp_path):
+    """.pth files torch cannot read: cut short (a partial download), empty, or not torch's."""
+    torch.save(REDUCED["resnet10"][1]().state_dict(), tmp_path / "whole.pth")
+    whole = (tmp_path / "whole.pth").read_bytes()
+    files = {
+        "half.pth": whole[: len(whole) // 2],
+        "short_end.pth": whole[:-5],
+        "one_byte.pth": whole[:1],
+        "empty.pth": b"",
+        "garbage.pth": b"<html>404 Not Found</html>\n" * 20,
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    return [tmp_path / name for name in files]
+
+
+def test_load_state_dict_names_a_damaged_file(tmp_path):
+    for path in _damage(tmp_path):
+        with pytest.raises(ValueError) as info:
+            interop.load_state_dict(path)
+        message = str(info.value)
+        assert message.startswith(f"{path} ({path.stat().st_size} bytes) looks truncated or "
+                                  "corrupt: torch.load could not read it"), message  # fmt: skip
+        assert "Download it again" in message
+    with pytest.raises(FileNotFoundError):
+        interop.load_state_dict(tmp_path / "missing.pth")
+
+
+def test_verify_logits_sees_other_weights():
+    """The same weights agree within the tolerance; a head bias 1e-3 off does not."""
+    name = "resnet10"
+    config = _config(name)
+    state_dict = _torch_model(name).state_dict()
+    variables = interop.from_torchvision(state_dict, config)
+    diff, _ = interop.verify_logits(state_dict, variables, config, image_size=32)
+    assert diff <= interop.VERIFY_TOLERANCE
+    variables["params"]["head"]["bias"] = variables["params"]["head"]["bias"] + 1e-3
+    diff, _ = interop.verify_logits(state_dict, variables, config, image_size=32)
+    assert diff == pytest.approx(1e-3, rel=1e-2)
+
+
+def test_removed_on_failure_removes_only_what_the_body_created(tmp_path):
+    class Failed(Exception):
+        pass
+
+    # A new folder and the new folders above it: the topmost goes.
+    with pytest.raises(Failed), interop.removed_on_failure(tmp_path / "a" / "b" / "ckpt"):
+        (tmp_path / "a" / "b" / "ckpt" / "variables").mkdir(parents=True)
+        (tmp_path / "a" / "b" / "ckpt" / "model.json").write_text("{")
+        raise Failed
+    assert list(tmp_path.iterdir()) == []
+
+    # A folder that existed keeps what it held; what the body added goes.
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(Failed), interop.removed_on_failure(tmp_path / "out"):
+        (tmp_path / "out" / "variables").mkdir()
+        (tmp_path / "out" / "variables" / "x").write_text("partial")
+        raise Failed
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
+
+    # A file that existed stays; one the body creates goes; without failure, everything stays.
+    (tmp_path / "old.pth").write_text("old")
+    with pytest.raises(Failed), interop.removed_on_failure(tmp_path / "old.pth"):
+        raise Failed
+    with pytest.raises(Failed), interop.removed_on_failure(tmp_path / "new.pth"):
+        (tmp_path / "new.pth").write_text("partial")
+        raise Failed
+    with interop.removed_on_failure(tmp_path / "done.pth"):
+        (tmp_path / "done.pth").write_text("whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done.pth", "old.pth", "out"]
+    assert (tmp_path / "old.pth").read_text() == "old"
+
+
+def test_save_state_dict_writes_a_whole_file_or_none(tmp_path, monkeypatch):
+    state_dict = _state_dict("resnet10")
+    interop.save_state_dict(state_dict, tmp_path / "a.pth")
+    assert list(torch.load(tmp_path / "a.pth", weights_only=True)) == list(state_dict)
+
+    def full_disk(obj, f):
+        with open(f, "wb") as out:
+            out.write(b"PK\x03\x04 half a zip")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    before = (tmp_path / "a.pth").read_bytes()
+    for name in ("a.pth", "b.pth"):
+        with pytest.raises(OSError, match="No space left"):
+            interop.save_state_dict(state_dict, tmp_path / name)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.pth"]  # no b.pth, no partial file
+    assert (tmp_path / "a.pth").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_script_writes_nothing_that_fails_verification(tmp_path):
+    """Exit 1 and no output, converting and exporting: verification runs before any write."""
+    # fc weights 1e6 times too large: float32 rounding alone puts the logits ~1 apart.
+    state_dict = _torch_model("resnet18").state_dict()
+    state_dict["fc.weight"] *= 1e6
+    torch.save(state_dict, tmp_path / "big.pth")
+    done = _script("--model=resnet18", f"--weights={tmp_path / 'big.pth'}",
+                   f"--out={tmp_path / 'ckpt'}", "--verify", "--image_size=32")  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "ABOVE 0.0001" in done.stdout and "verification failed" in done.stderr
+    assert not (tmp_path / "ckpt").exists()
+
+    config = variants.model_config("resnet18")
+    checkpoint.save_variables(
+        tmp_path / "big", interop.from_torchvision(state_dict, config), config
+    )
+    done = _script("--reverse", f"--checkpoint={tmp_path / 'big'}",
+                   f"--out={tmp_path / 'back.pth'}", "--verify", "--image_size=32")  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "big.pth"]
+
+
+@pytest.mark.slow
+def test_script_damaged_pth_exits_2(tmp_path):
+    damaged = {path.name: path for path in _damage(tmp_path)}
+    for path in (damaged["half.pth"], damaged["empty.pth"]):
+        done = _script("--model=resnet18", f"--weights={path}", f"--out={tmp_path / 'ckpt'}")
+        assert done.returncode == 2, done.stderr
+        assert f"{path} ({path.stat().st_size} bytes) looks truncated or corrupt" in done.stderr
+        assert "Traceback" not in done.stderr and not (tmp_path / "ckpt").exists()

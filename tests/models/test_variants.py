@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from resnext_jax.models import inspector, variants
+from resnext_jax.models.resnet import group_width
 from resnext_jax.models.variants import build_model, model_config
 from tests.conftest import slow_unless
 
@@ -96,3 +97,19 @@ def test_groups_that_do_not_divide_the_width():
 
     with pytest.raises(ValueError, match="3 groups must divide"):
         Conv(8, 3, groups=3).init(jax.random.key(0), jnp.zeros((1, 4, 4, 6)))
+
+
+def test_group_width_rounds_down():
+    """timm's floor(planes * d / 64), where rounding would give each group one more channel."""
+    # planes * d / 64 = 1.75, 3.5, 7.0, 5.625, 0.875
+    assert [group_width(p, d) for p, d in ((16, 7), (32, 7), (64, 7), (24, 15), (8, 7))] == [
+        1, 3, 7, 5, 0
+    ]  # fmt: skip
+    config = model_config("_tiny_resnext", planes=16, base_width=7, cardinality=2)
+    assert variants.conv2_width(config) == 2
+    model = build_model(config)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3))))
+    params = variables["params"]
+    # (3, 3, d, C * d) per stage: floor(1.75) = 1 at 16 planes, floor(3.5) = 3 at 32.
+    assert params["stage1_block0"]["conv2"]["kernel"].shape == (3, 3, 1, 2)
+    assert params["stage2_block0"]["conv2"]["kernel"].shape == (3, 3, 3, 6)

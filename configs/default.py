@@ -72,7 +72,7 @@ def get_config():
     config.init_from = ""  # a variables checkpoint to fine-tune from (new head if needed)
     config.seed = 0
     config.log_every_steps = 100
-    config.eval_every_epochs = 1
+    config.eval_every_epochs = 1.0  # may be fractional
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3
     config.max_steps = 0  # > 0 stops after this many steps (smoke tests)

@@ -8,7 +8,9 @@ Run k of setting ARG trains in ROOT/<ARG as a slug>/seed<k> (ROOT defaults to
 workdirs/sweeps/<family>) with --config.seed=k and every --config.FIELD=VALUE given here.
 Overrides are checked against each setting's config before anything runs. --run trains the
 runs one after another, skipping finished ones (results.json) and resuming interrupted ones; a
-failed run is reported and the sweep goes on, exiting 1 at the end. --print writes one shell
+failed run is reported and the sweep goes on, exiting 1 at the end. A run whose workdir was
+trained under another config (finished, or interrupted with a checkpoint) is refused, not run
+or resumed, and the sweep exits 1 (README "Failure and recovery"). --print writes one shell
 command per unfinished run, to be run from the repository root (a job array, xargs).
 """
 
@@ -67,21 +69,25 @@ def main(argv, overrides):
     print(f"sweep: {len(runs)} runs in {root} ({len(runs) // FLAGS.seeds} settings x "
           f"{FLAGS.seeds} seeds), {len(runs) - len(todo)} finished", file=sys.stderr)  # fmt: skip
     if FLAGS.print:
+        refused = [(r, sweeps.recipe_conflict(r, REPO)) for r in runs]
         for run in todo:
             print(run.shell())
-        return
+        for run, why in filter(lambda x: x[1], refused):
+            print(f"refused: {run.label} in {run.workdir}: {why}", file=sys.stderr)
+        sys.exit(1 if any(why for _, why in refused) else 0)
     outcomes = sweeps.run_all(runs, cwd=REPO)
     counts = {}
     for o in outcomes:
         counts[o.status] = counts.get(o.status, 0) + 1
     print(f"sweep: {', '.join(f'{n} {status}' for status, n in counts.items())}")
     for o in outcomes:
-        if o.status in ("failed", "stopped") or o.detail:
+        if o.status in ("failed", "stopped", "refused") or o.detail:
             print(f"  {o.status}: {o.run.label} in {o.run.workdir}: {o.detail}")
     if counts.get("stopped"):
         print("sweep: stopped; rerun the same command to resume")
     if counts.get("failed"):
         print(f"sweep: each run's output is in its {sweeps.LOG_FILE}")
+    if counts.get("failed") or counts.get("refused"):
         sys.exit(1)
 
 

@@ -1,7 +1,9 @@
 """Train and evaluate a model: `python scripts/train.py --config=configs/X.py [--workdir=DIR]`.
 
 Without --workdir the run goes to workdirs/<config name>[_<config args>]. Rerunning the same
-command resumes from the latest checkpoint there. `--config.field=value` overrides any field.
+command resumes from the latest checkpoint there, under the same recipe: a config that changes
+the experiment is refused unless --accept_config_change (README "Failure and recovery").
+`--config.field=value` overrides any field.
 """
 
 import sys
@@ -13,6 +15,11 @@ from resnext_jax.devices import runtime
 
 config_flags.DEFINE_config_file("config", None, "training config file", lock_config=True)
 flags.DEFINE_string("workdir", None, "work directory (default: workdirs/<config name>)")
+flags.DEFINE_bool(
+    "accept_config_change",
+    False,
+    "resume a workdir under a config that changes its experiment (recorded)",
+)
 flags.DEFINE_bool("distributed", False, "join a multi-process run (README: Pods and clusters)")
 flags.DEFINE_string("coordinator_address", "", "--distributed: process 0's host:port")
 flags.DEFINE_integer("num_processes", 0, "--distributed: how many processes")
@@ -36,7 +43,7 @@ def main(argv):
         elif FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id >= 0:
             raise ValueError("--coordinator_address, --num_processes and --process_id need "
                              "--distributed")  # fmt: skip
-        loop.train_and_evaluate(FLAGS.config, workdir)
+        loop.train_and_evaluate(FLAGS.config, workdir, FLAGS.accept_config_change)
     except (loop.NonFiniteLossError, ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
 

@@ -12,10 +12,15 @@ process decodes only its own rows, so the processes read disjoint examples and n
 another's. A resumed iterator (start_step) computes its first batch directly, reading
 nothing it skips. Each image's augmentation draws from (seed, step, row of the global
 batch): the same global batch on any number of processes, threads or devices.
+
+Bad examples (`load_example`: unreadable, undecodable, too thin, label out of range) stop
+the run or, with `dataset.bad_examples=skip`, are replaced in training by the next good
+example and masked out of evaluation (resnext_jax/data/base.py, `BadExamples`).
 """
 
 import collections
 import concurrent.futures
+import functools
 import os
 import pathlib
 from collections.abc import Iterator, Sequence
@@ -23,7 +28,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from resnext_jax.data import base, preprocessing
-from resnext_jax.data.base import DataError
+from resnext_jax.data.base import BadExample, DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 BATCHES_AHEAD = 2  # batches decoded ahead of the one being consumed
@@ -32,10 +37,12 @@ BATCHES_AHEAD = 2  # batches decoded ahead of the one being consumed
 class ImageSource:
     """Batches of decoded, augmented images from random-access train and eval records."""
 
-    def __init__(self, train, eval, num_classes, preprocess: preprocessing.Preprocess, workers=0):
+    def __init__(self, train, eval, num_classes, preprocess: preprocessing.Preprocess, workers=0,
+                 bad_examples="error"):  # fmt: skip
         self.train_records, self.eval_records = train, eval
         self.num_classes = num_classes
         self.preprocess = preprocess
+        self.bad = base.BadExamples(bad_examples)
         self.workers = workers or len(os.sched_getaffinity(0))
         self._num_train, self._num_eval = len(train), len(eval)
         self._pool = None
@@ -81,9 +88,7 @@ class ImageSource:
 
         def plan(step):
             ids = self.train_indices(global_batch, seed, step)
-            rows = range(local.start, local.start + len(ids))
-            rngs = [np.random.default_rng([seed, step, row]) for row in rows]
-            return ids, rngs
+            return ids, [(seed, step, row) for row in range(local.start, local.start + len(ids))]
 
         def plans():
             step = start_step
@@ -94,11 +99,14 @@ class ImageSource:
         return self._batches(plans(), self.train_records, self.image_shape, train=True)
 
     def eval_batches(self, global_batch) -> Iterator[dict]:
-        plans = ((ids, None) for ids in self.eval_indices(global_batch))
+        plans = ((ids, [None] * len(ids)) for ids in self.eval_indices(global_batch))
         return self._batches(plans, self.eval_records, self.eval_image_shape, train=False)
 
     def _batches(self, plans, records, shape, train) -> Iterator[dict]:
-        """Decode the planned batches in the pool, BATCHES_AHEAD batches in advance."""
+        """Decode the planned batches in the pool, BATCHES_AHEAD batches in advance.
+
+        A plan is (example ids, augmentation seeds: one per row, None for evaluation).
+        """
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(
                 self.workers, thread_name_prefix="decode"
@@ -106,20 +114,13 @@ class ImageSource:
         pending = collections.deque()
         limit = self.num_train if train else self.num_eval
 
-        def submit(ids, rngs):
-            images = np.zeros((len(ids), *shape), np.float32)
-            labels = np.zeros(len(ids), np.int32)
-            mask = ids < limit
-            jobs = [
-                self._pool.submit(
-                    self._decode, records, int(i), rngs[r] if train else None, images, labels, r
-                )
-                for r, i in enumerate(ids)
-                if mask[r]
-            ]
-            batch = {"image": images, "label": labels}
-            if not train:
-                batch["mask"] = mask
+        def submit(ids, keys):
+            batch = {"image": np.zeros((len(ids), *shape), np.float32),
+                     "label": np.zeros(len(ids), np.int32), "mask": ids < limit}  # fmt: skip
+            jobs = [self._pool.submit(self._decode, records, int(i), keys[r], batch, r)
+                    for r, i in enumerate(ids) if batch["mask"][r]]  # fmt: skip
+            if train:
+                del batch["mask"]
             pending.append((batch, jobs))
 
         try:
@@ -135,27 +136,67 @@ class ImageSource:
                 job.cancel()
             concurrent.futures.wait(jobs)
 
-    def _decode(self, records, index, rng, images, labels, row):
-        item, label = records[index]
-        try:
-            if rng is None:
-                preprocessing.eval_image(item, self.preprocess, out=images[row])
-            else:
-                preprocessing.train_image(item, rng, self.preprocess, out=images[row])
-        except Exception as e:
-            where = f" ({item})" if isinstance(item, (str, os.PathLike)) else ""
-            raise DataError(f"could not decode example {index}{where}: {e}") from e
-        labels[row] = label
+    def _decode(self, records, index, key, batch, row) -> int:
+        """Example `index` into row `row` of `batch`; 1 if it was bad (so replaced by the next
+        good one when training, masked out when evaluating), else 0."""
+        out = batch["image"][row]
+
+        def load(i):
+            p = self.preprocess
+            if key is None:
+                decode = functools.partial(preprocessing.eval_image, p=p, out=out)
+            else:  # a new generator per try: a replacement draws what the bad one would have
+                rng = np.random.default_rng(key)
+                decode = functools.partial(preprocessing.train_image, rng=rng, p=p, out=out)
+            return load_example(records, i, self.num_classes, decode)
+
+        if key is not None:
+            label, replaced = self.bad.first_good("train", index, self.num_train, load)
+        else:
+            label = self.bad.load_or_none("eval", index, load)
+            replaced = label is None
+            if replaced:
+                out[...], batch["mask"][row], label = 0, False, 0
+        batch["label"][row] = label
+        return int(replaced)
 
 
 def _collect_batch(batch, jobs):
-    for job in jobs:
-        job.result()  # re-raises a worker's error here
+    batch["skipped"] = sum(job.result() for job in jobs)  # re-raises a worker's error here
     return batch
 
 
+def describe(records, index) -> str:
+    """Where example `index` of `records` comes from, for messages: a path, a TFDS split."""
+    describe_one = getattr(records, "describe", None)
+    return describe_one(index) if describe_one else f"example {index}"
+
+
+def load_example(records, index, num_classes, decode) -> int:
+    """The label of example `index`, after `decode(image)`; BadExample if it cannot be read,
+    `decode` raises, or the label is outside [0, num_classes).
+
+    What training rejects, scripts/check_dataset.py reports: both come through here.
+    """
+    try:
+        item, label = records[index]
+    except Exception as e:  # a corrupt record of a TFDS file, a file gone since listing
+        raise BadExample(describe(records, index), f"unreadable ({type(e).__name__}: {e})") from e
+    if not 0 <= label < num_classes:
+        raise BadExample(
+            describe(records, index),
+            f"label {label} is outside the {num_classes} classes (0 to {num_classes - 1})",
+        )
+    try:
+        decode(item)
+    except Exception as e:  # PIL's errors for broken files have no common base class
+        raise BadExample(describe(records, index), f"{type(e).__name__}: {e}") from e
+    return int(label)
+
+
 class FolderRecords(Sequence):
-    """Image files in one subfolder per class: `root/CLASS/**/*.jpg` (or .png, ...)."""
+    """Image files in one subfolder per class: `root/CLASS/**/*.jpg` (or .png, ...), through
+    symbolic links too."""
 
     def __init__(self, root, classes=None):
         root = pathlib.Path(root)
@@ -169,8 +210,7 @@ class FolderRecords(Sequence):
             )
         self.paths, labels = [], []
         for name in found:
-            files = sorted(f for f in (root / name).rglob("*")
-                           if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())  # fmt: skip
+            files = image_files(root / name)
             self.paths += files
             labels += [index[name]] * len(files)
         self.labels = np.asarray(labels, np.int32)
@@ -185,8 +225,30 @@ class FolderRecords(Sequence):
     def __getitem__(self, index):
         return self.paths[index], self.labels[index]
 
+    def describe(self, index):
+        return str(self.paths[index])
 
-def image_folder(data_dir, train_split, eval_split, preprocess, workers=0) -> ImageSource:
+
+def image_files(folder) -> list[pathlib.Path]:
+    """The files with an image extension under `folder`, sorted, following symbolic links.
+
+    Each real folder is read once, so a link to a folder's own ancestor ends the descent
+    instead of looping. A link to a missing file is listed, so that it fails loudly.
+    """
+    files, seen = [], set()
+    for path, folders, names in os.walk(folder, followlinks=True):
+        stat = os.stat(path)
+        if (stat.st_dev, stat.st_ino) in seen:
+            folders.clear()
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        files += [pathlib.Path(path, n) for n in names
+                  if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]  # fmt: skip
+    return sorted(files)
+
+
+def image_folder(data_dir, train_split, eval_split, preprocess, workers=0, bad_examples="error"
+                 ) -> ImageSource:  # fmt: skip
     """Folders of images, `data_dir/<split>/<class>/<image>`, classes named by the train split."""
     root = pathlib.Path(data_dir or ".")
     missing = [s for s in (train_split, eval_split) if not (data_dir and (root / s).is_dir())]
@@ -200,7 +262,7 @@ def image_folder(data_dir, train_split, eval_split, preprocess, workers=0) -> Im
         )
     train = FolderRecords(root / train_split)
     eval = FolderRecords(root / eval_split, classes=train.classes)
-    return ImageSource(train, eval, len(train.classes), preprocess, workers)
+    return ImageSource(train, eval, len(train.classes), preprocess, workers, bad_examples)
 
 
 def make_preprocess(ds, channels, augment="random_resized_crop", mean=None, std=None):

@@ -1,6 +1,8 @@
 """Datasets held in host memory as uint8 arrays: Fashion-MNIST (IDX files) and synthetic data.
 
 Normalized per channel and augmented on the host with numpy. None of it needs TensorFlow.
+Labels are checked when they load (`check_labels`), so no batch holds a bad example and
+every batch's "skipped" is 0.
 """
 
 import gzip
@@ -79,7 +81,7 @@ class InMemorySource:
                 images = pad_crop_flip(images, rng, rows=local, batch=global_batch)
             elif self.augment == "flip":
                 images = flip(images, rng, rows=local, batch=global_batch)
-            yield {"image": self._normalize(images), "label": self.train_labels[ids]}
+            yield {"image": self._normalize(images), "label": self.train_labels[ids], "skipped": 0}
             step += 1
 
     def eval_batches(self, global_batch) -> Iterator[dict]:
@@ -92,6 +94,7 @@ class InMemorySource:
                 "image": self._normalize(self.eval_images[ids]),
                 "label": self.eval_labels[ids],
                 "mask": mask,
+                "skipped": 0,
             }
 
 
@@ -132,6 +135,21 @@ def read_idx(path) -> np.ndarray:
     return body.reshape(shape)
 
 
+def check_labels(images, labels, num_classes, where):
+    """Raise unless each image has one label in [0, num_classes): a label out of range would
+    train silently on garbage (one-hot of nothing) or fail deep inside the loss."""
+    if len(images) != len(labels):
+        raise DataError(f"{where}: {len(images)} images but {len(labels)} labels")
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        first = int(bad[0])
+        raise DataError(
+            f"{where}: example {first} has label {labels[first]}, outside the {num_classes} "
+            f"classes (0 to {num_classes - 1}); {bad.size} label(s) in all. The file is "
+            "corrupt or of another dataset: download (or prepare) it again"
+        )
+
+
 def _find_idx(folder, stem):
     for name in (stem + ".gz", stem):
         if (folder / name).is_file():
@@ -146,10 +164,7 @@ def fashion_mnist(data_dir="", augment="pad_crop_flip") -> InMemorySource:
         files = {split: [_find_idx(folder, s) for s in stems]
                  for split, stems in FASHION_MNIST_FILES.items()}  # fmt: skip
         if all(all(f) for f in files.values()):
-            train, test = (
-                (read_idx(images)[..., None], read_idx(labels).astype(np.int32))
-                for images, labels in files.values()
-            )
+            train, test = (_read_split(*pair) for pair in files.values())
             return InMemorySource(train, test, num_classes=10, augment=augment)
     if not data_dir and (source := _fashion_mnist_from_tfds(augment)):
         return source
@@ -160,6 +175,13 @@ def fashion_mnist(data_dir="", augment="pad_crop_flip") -> InMemorySource:
         f"{FASHION_MNIST_DIR}); elsewhere download the four IDX files into a folder and pass "
         "--config.dataset.data_dir=FOLDER."
     )
+
+
+def _read_split(images_file, labels_file):
+    """(images NHWC, labels) of a Fashion-MNIST split, its labels checked."""
+    images, labels = read_idx(images_file)[..., None], read_idx(labels_file).astype(np.int32)
+    check_labels(images, labels, 10, labels_file)
+    return images, labels
 
 
 def _fashion_mnist_from_tfds(augment):
@@ -178,6 +200,8 @@ def _fashion_mnist_from_tfds(augment):
         (np.stack([r["image"] for r in ds]), np.array([r["label"] for r in ds], np.int32))
         for ds in splits
     ]
+    for (images, labels), split in zip(arrays, ("train", "test"), strict=True):
+        check_labels(images, labels, 10, f"TFDS fashion_mnist split {split!r}")
     return InMemorySource(*arrays, num_classes=10, augment=augment)
 
 

@@ -3,7 +3,8 @@
 Every function takes one image (encoded bytes, a file path or a uint8 array) and returns a
 float32 HWC array, normalized per channel. Randomness comes from a numpy Generator that the
 caller derives from (seed, step, row), so an image's augmentation does not depend on which
-process or thread computes it.
+process or thread computes it. Both entry points refuse an image too thin to resize with
+bounded memory (`check_shape`) and scale 16-bit grayscale to 8 bits instead of clipping it.
 
 ImageNet training (`random_resized_crop`), as in fb.resnet.torch, whose code the paper's
 authors built on: a crop of 8%-100% of the image area with aspect ratio 3/4-4/3 resized to
@@ -42,6 +43,17 @@ CIFAR100_MEAN = tuple(v / 255 for v in (129.3, 124.1, 112.4))
 CIFAR100_STD = tuple(v / 255 for v in (68.2, 65.4, 70.4))
 # ITU-R 601 luma, the grayscale of fb.resnet.torch's saturation and contrast jitter.
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+
+# Grayscale of more than 8 bits as PIL opens it (PNG, TIFF). "I" (32-bit) is how older
+# Pillows open 16-bit PNGs, so its values are taken as 16-bit too.
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# A photograph, panoramas included, is rarely wider than 1:10. Beyond 1:100 an image is a
+# line, a barcode or a corrupt header, and resizing its shorter side to 256 for evaluation
+# would make the other side over 25,600 pixels; this limit caps what one image costs in
+# memory (a 256 x 25,600 RGB intermediate, 20 MB) however extreme the file.
+MAX_ASPECT = 100
+# The first bytes of what macOS writes as ._NAME beside NAME on a foreign disk.
+APPLE_DOUBLE_MAGIC = b"\x00\x05\x16\x07"
 
 IMAGE_AUGMENTATIONS = ("random_resized_crop", "pad_crop_flip", "flip", "none")
 INTERPOLATIONS = {"bicubic": PIL.Image.Resampling.BICUBIC,
@@ -101,13 +113,46 @@ def open_image(item, channels=3) -> PIL.Image.Image:
     """A lazily decoded PIL image from encoded bytes, a path or a uint8 HWC/HW array."""
     if isinstance(item, np.ndarray):
         return PIL.Image.fromarray(item[..., 0] if item.ndim == 3 and item.shape[-1] == 1 else item)
+    try:
+        return PIL.Image.open(item if isinstance(item, (str, os.PathLike)) else io.BytesIO(item))
+    except PIL.UnidentifiedImageError as e:
+        raise PIL.UnidentifiedImageError(f"not an image: {_what_file(item)}") from e
+
+
+def _what_file(item) -> str:
+    """What a file PIL cannot identify holds, as far as its first bytes tell."""
     if isinstance(item, (str, os.PathLike)):
-        return PIL.Image.open(item)
-    return PIL.Image.open(io.BytesIO(item))
+        with open(item, "rb") as f:
+            size, head = os.fstat(f.fileno()).st_size, f.read(8)
+    else:
+        size, head = len(item), bytes(item[:8])
+    if size == 0:
+        return "an empty file"
+    if head.startswith(APPLE_DOUBLE_MAGIC):
+        return "a macOS AppleDouble file (a resource fork, not the image)"
+    return f"{size} bytes in no format PIL reads, beginning {head!r}"
+
+
+class ImageShapeError(ValueError):
+    """An image too thin to resize with bounded memory (see MAX_ASPECT)."""
+
+
+def check_shape(image):
+    """Raise ImageShapeError for an empty image or one of aspect ratio beyond 1:MAX_ASPECT."""
+    width, height = image.size
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT * min(width, height):
+        raise ImageShapeError(
+            f"{width}x{height} pixels: aspect ratio beyond 1:{MAX_ASPECT}, the most training takes"
+        )
 
 
 def _to_mode(image, channels):
     mode = "RGB" if channels == 3 else "L"
+    if image.mode in HIGH_BIT_DEPTH_MODES:
+        # PIL's convert clips these at 255 instead of scaling them; 0-65535 onto 0-255 by
+        # v / 257, which takes the 16-bit copy of an 8-bit image (u * 257) back to u.
+        pixels = np.asarray(image).astype(np.float32) / 257
+        image = PIL.Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
     return image if image.mode == mode else image.convert(mode)
 
 
@@ -231,6 +276,7 @@ def _color(p: Preprocess, image, rng, out):
 def train_image(item, rng, p: Preprocess, out=None) -> np.ndarray:
     """One augmented training image, float32 (image_size, image_size, channels)."""
     image = open_image(item, p.channels)
+    check_shape(image)
     size = p.image_size
     if p.augment == "random_resized_crop":
         box = sample_crop_box(rng, *image.size, p.crop_area_range, p.crop_aspect_range)
@@ -250,7 +296,9 @@ def train_image(item, rng, p: Preprocess, out=None) -> np.ndarray:
 
 def eval_image(item, p: Preprocess, out=None) -> np.ndarray:
     """One evaluation image: shorter side resized, central crop; deterministic."""
-    image = _to_mode(open_image(item, p.channels), p.channels)
+    image = open_image(item, p.channels)
+    check_shape(image)
+    image = _to_mode(image, p.channels)
     image = _resize_center_crop(image, p.eval_resize, p.eval_image_size, p.interpolation)
     return _color(p, image, None, out)
 

@@ -5,7 +5,7 @@ image_source.py (folders of image files), tfds_source.py (any TFDS image dataset
 they share, resnext_jax/data/base.py.
 """
 
-from resnext_jax.data import image_source, in_memory, tfds_source
+from resnext_jax.data import base, image_source, in_memory, tfds_source
 
 # Besides these, any TFDS dataset by name (resnext_jax/data/tfds_source.py).
 DATASETS = ("fashion_mnist", "synthetic", "image_folder")
@@ -14,6 +14,9 @@ DATASETS = ("fashion_mnist", "synthetic", "image_folder")
 def get_source(config):
     """The data source a training config asks for."""
     ds = config.dataset
+    # Checked for every source, though only image sources have examples to skip, so that a
+    # misspelled policy never passes silently.
+    bad_examples = base.check_policy(ds.get("bad_examples", "error"))
     if ds.name == "fashion_mnist":
         source = in_memory.fashion_mnist(ds.data_dir, ds.get("augment") or "pad_crop_flip")
         return source.subset(ds.num_train_examples, ds.num_eval_examples)
@@ -29,8 +32,8 @@ def get_source(config):
     if ds.name == "image_folder":
         preprocess = image_source.make_preprocess(ds, channels=3)
         source = image_source.image_folder(
-            ds.data_dir, ds.train_split, ds.eval_split, preprocess, ds.workers
+            ds.data_dir, ds.train_split, ds.eval_split, preprocess, ds.workers, bad_examples
         )
     else:
-        source = tfds_source.tfds_source(config)
+        source = tfds_source.tfds_source(config, bad_examples)
     return source.subset(ds.num_train_examples, ds.num_eval_examples)

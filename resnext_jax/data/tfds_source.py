@@ -46,52 +46,14 @@ def prepare_instructions(name, data_dir) -> str:
     return f"Run `{build}` {env} on a machine with internet access, then copy {data_dir}/{base}."
 
 
-def tfds_source(config) -> image_source.ImageSource:
+def tfds_source(config, bad_examples="error") -> image_source.ImageSource:
     """The TFDS dataset `config.dataset.name` (a name, optionally `name/config:version`)."""
-    import tensorflow_datasets as tfds  # noqa: PLC0415 (0.5 s to import; only when used)
-
     ds = config.dataset
-    data_dir = ds.data_dir or None
-    try:
-        builder = tfds.builder(ds.name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError as e:
-        raise DataError(
-            f"unknown dataset {ds.name!r}: not fashion_mnist, synthetic or image_folder, nor a "
-            f"TFDS dataset ({e.__class__.__name__}: {str(e).splitlines()[0]})"
-        ) from e
-    if not builder.is_prepared():
-        raise DataError(
-            f"TFDS dataset {ds.name} is not prepared in {data_dir or default_data_dir()}. "
-            + prepare_instructions(ds.name, ds.data_dir)
-        )
-    info = builder.info
-    file_format = info.file_format.value if info.file_format else "unknown"
-    if file_format != "array_record":
-        raise DataError(
-            f"TFDS dataset {ds.name} in {builder.data_dir} is in the {file_format} format; "
-            "reading it without TensorFlow needs array_record. Convert it (with TensorFlow "
-            f"installed): `tfds convert_format --dataset_version_dir={builder.data_dir} "
-            "--out_file_format=array_record`, or rebuild it with --file_format=array_record."
-        )
-    image_key, label_key = _keys(info, ds.image_key, ds.label_key)
-    image_feature, label_feature = info.features[image_key], info.features[label_key]
+    splits, image_feature, label_feature = open_splits(
+        ds.name, ds.data_dir, {"train": ds.train_split, "eval": ds.eval_split},
+        ds.image_key, ds.label_key,
+    )  # fmt: skip
     channels = image_feature.shape[-1] or 3
-    decoders = (
-        {image_key: tfds.decode.SkipDecoding()}
-        if isinstance(image_feature, tfds.features.Image)
-        else None
-    )
-    splits = {}
-    for role, split in (("train", ds.train_split), ("eval", ds.eval_split)):
-        try:
-            source = tfds.data_source(ds.name, split=split, data_dir=data_dir, download=False,
-                                      decoders=decoders)  # fmt: skip
-        except (ValueError, KeyError) as e:
-            raise DataError(
-                f"TFDS dataset {ds.name} has no split {split!r} (its splits: "
-                f"{', '.join(info.splits)}); set --config.dataset.{role}_split"
-            ) from e
-        splits[role] = Records(source, image_key, label_key)
     height, width = image_feature.shape[:2]
     small = height is not None and width is not None and max(height, width) <= SMALL_IMAGE
     base = ds.name.split("/")[0].split(":")[0]
@@ -99,9 +61,61 @@ def tfds_source(config) -> image_source.ImageSource:
     preprocess = image_source.make_preprocess(
         ds, channels, "pad_crop_flip" if small else "random_resized_crop", mean, std
     )
-    return image_source.ImageSource(
-        splits["train"], splits["eval"], label_feature.num_classes, preprocess, ds.workers
+    return image_source.ImageSource(splits["train"], splits["eval"], label_feature.num_classes,
+                                    preprocess, ds.workers, bad_examples)  # fmt: skip
+
+
+def open_splits(name, data_dir, splits, image_key="", label_key=""):
+    """({role: Records} for `splits` ({role: split}), image feature, label feature) of TFDS
+    dataset `name`, prepared in `data_dir` ("": TFDS's default) as array_record."""
+    import tensorflow_datasets as tfds  # noqa: PLC0415 (0.5 s to import; only when used)
+
+    builder = _prepared_builder(tfds, name, data_dir or None)
+    info = builder.info
+    image_key, label_key = _keys(info, image_key, label_key)
+    image_feature = info.features[image_key]
+    decoders = (
+        {image_key: tfds.decode.SkipDecoding()}
+        if isinstance(image_feature, tfds.features.Image)
+        else None
     )
+    records = {}
+    for role, split in splits.items():
+        try:
+            source = tfds.data_source(name, split=split, data_dir=data_dir or None,
+                                      download=False, decoders=decoders)  # fmt: skip
+        except (ValueError, KeyError) as e:
+            raise DataError(
+                f"TFDS dataset {name} has no split {split!r} (its splits: "
+                f"{', '.join(info.splits)}); set --config.dataset.{role}_split"
+            ) from e
+        records[role] = Records(source, image_key, label_key, f"TFDS {name} split {split!r}")
+    return records, image_feature, info.features[label_key]
+
+
+def _prepared_builder(tfds, name, data_dir):
+    """TFDS's builder of `name`, checked to be prepared as array_record; else what to do."""
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise DataError(
+            f"unknown dataset {name!r}: not fashion_mnist, synthetic or image_folder, nor a "
+            f"TFDS dataset ({e.__class__.__name__}: {str(e).splitlines()[0]})"
+        ) from e
+    if not builder.is_prepared():
+        raise DataError(
+            f"TFDS dataset {name} is not prepared in {data_dir or default_data_dir()}. "
+            + prepare_instructions(name, data_dir)
+        )
+    file_format = builder.info.file_format.value if builder.info.file_format else "unknown"
+    if file_format != "array_record":
+        raise DataError(
+            f"TFDS dataset {name} in {builder.data_dir} is in the {file_format} format; "
+            "reading it without TensorFlow needs array_record. Convert it (with TensorFlow "
+            f"installed): `tfds convert_format --dataset_version_dir={builder.data_dir} "
+            "--out_file_format=array_record`, or rebuild it with --file_format=array_record."
+        )
+    return builder
 
 
 def _keys(info, image_key, label_key):
@@ -122,11 +136,15 @@ def _keys(info, image_key, label_key):
 class Records:
     """A TFDS data source as (image, label) pairs: encoded bytes or a uint8 array, an int."""
 
-    def __init__(self, source, image_key, label_key):
+    def __init__(self, source, image_key, label_key, name=""):
         self.source, self.image_key, self.label_key = source, image_key, label_key
+        self.name = name  # for messages: "TFDS imagenet2012 split 'train'"
 
     def __len__(self):
         return len(self.source)
+
+    def describe(self, index):
+        return f"{self.name or 'TFDS'} example {index}"
 
     def __getitem__(self, index):
         record = self.source[index]

@@ -10,7 +10,8 @@ every grouped conv (openxla/xla#47945) and cannot split a custom call (the oneDN
 all: every device would compute every image's grouped convs.
 
 `collectives` and `flops` read a compiled step, for the tests and the benchmark that check
-the above. `initialize` joins a multi-process run (`scripts/train.py --distributed`).
+the above. `process_sum` adds up a host-side count over processes. `initialize` joins a
+multi-process run (`scripts/train.py --distributed`).
 """
 
 import collections
@@ -50,6 +51,15 @@ def replicated(mesh) -> NamedSharding:
 
 def data_sharded(mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def process_sum(value: int) -> int:
+    """`value` summed over all processes; every process must call this at the same point."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(np.sum(multihost_utils.process_allgather(np.int64(value))))
 
 
 def per_device(fn, mesh, in_specs, out_specs, donate_argnums=()):

@@ -18,7 +18,7 @@ import ml_collections
 
 from resnext_jax.experiments import config_files, paper, sweeps
 from resnext_jax.models import variants
-from resnext_jax.training import logs
+from resnext_jax.training import logs, recipe
 
 RUN_FILES = {logs.RESULTS_FILE, logs.CONFIG_FILE, logs.METRICS_FILE,
              sweeps.LOG_FILE}  # fmt: skip
@@ -147,13 +147,7 @@ def _read_run(root, folder) -> RunFiles:
             config = json.loads((folder / logs.CONFIG_FILE).read_text())
     except (ValueError, KeyError) as e:
         results, note = None, f"unreadable {logs.RESULTS_FILE} or {logs.CONFIG_FILE}: {e}"
-    metrics = []
-    if (folder / logs.METRICS_FILE).exists():
-        for line in (folder / logs.METRICS_FILE).read_text().splitlines():
-            try:
-                metrics.append(json.loads(line))
-            except ValueError:  # a line cut short by a killed process
-                pass
+    metrics = logs.read_metrics(folder)
     log = folder / sweeps.LOG_FILE
     if results is None and not note and log.exists():
         lines = [x.strip() for x in log.read_text(errors="replace").splitlines() if x.strip()]
@@ -187,11 +181,11 @@ def _name_variants(table: list[Setting]):
         cells.setdefault((s.depth, s.column), []).append(s)
     fields = set()
     for alike in cells.values():
-        flat = [sweeps.flatten({k: v for k, v in s.config.items() if k != "seed"}) for s in alike]
+        flat = [recipe.flatten({k: v for k, v in s.config.items() if k != "seed"}) for s in alike]
         for a in flat[1:]:
-            fields.update(sweeps.config_differences(flat[0], a))
+            fields.update(recipe.differences(flat[0], a))
     for s in table:
-        flat = sweeps.flatten(s.config)
+        flat = recipe.flatten(s.config)
         s.variant = ", ".join(f"{k}={json.dumps(flat.get(k))}" for k in sorted(fields))
 
 

@@ -24,8 +24,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from resnext_jax.experiments import config_files
-from resnext_jax.models import variants
-from resnext_jax.training import logs
+from resnext_jax.training import checkpoint, logs, recipe
 from resnext_jax.training.preemption import Preemption
 
 MANIFEST_FILE = "sweep.json"  # in the sweep's root: every planned run (scripts/report.py reads it)
@@ -92,7 +91,7 @@ def resolve_config(spec: str, seed: int, overrides=()) -> dict:
             warnings.filterwarnings("ignore", "the load_module", DeprecationWarning)
             values(argv)
         config = values.config
-        variants.validate(config.model)
+        recipe.validate(config)
     except Exception as e:  # absl, ml_collections and the family raise many types
         message = e
         while isinstance(message, KeyError | AttributeError) and message.args:
@@ -157,29 +156,42 @@ def write_manifest(root, runs, config, seeds, overrides, cwd="."):
     logs.write_json(root_path / MANIFEST_FILE, manifest)
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{"model": {"depth": 50}} -> {"model.depth": 50}."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
+def has_checkpoint(workdir, cwd=".") -> bool:
+    """Whether a run's workdir holds a saved training step (it has trained under its config)."""
+    folder = pathlib.Path(cwd) / workdir / checkpoint.CHECKPOINT_DIR
+    return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+
+
+def recipe_conflict(run, cwd=".") -> str:
+    """Why `run` must not go on in its workdir ("" if it may): a finished run trained under
+    another config than the sweep's, or an interrupted one that resuming would change."""
+    workdir = pathlib.Path(cwd) / run.workdir
+    finished = is_finished(run.workdir, cwd)
+    if not finished and not has_checkpoint(run.workdir, cwd):
+        return ""
+    try:
+        if finished:
+            saved = json.loads((workdir / logs.RESULTS_FILE).read_text())["config"]
         else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def config_differences(a: dict, b: dict) -> list[str]:
-    """The dotted config fields where `a` and `b` differ."""
-    fa, fb = flatten(a), flatten(b)
-    return sorted(
-        k for k in fa.keys() | fb.keys() if fa.get(k, "<absent>") != fb.get(k, "<absent>")
-    )
+            saved = recipe.saved_config(workdir)
+    except (ValueError, KeyError) as e:
+        return f"its {logs.RESULTS_FILE if finished else logs.CONFIG_FILE} is unreadable ({e})"
+    if saved is None:
+        return ""
+    changed, _ = recipe.compare(saved, run.config, finished=finished)
+    if not changed:
+        return ""
+    what = "finished" if finished else "was started"
+    fields = "; ".join(f"{k}: {json.dumps(a)} there, {json.dumps(b)} here"
+                       for k, (a, b) in changed.items())  # fmt: skip
+    return (f"it {what} under another config ({fields}); give this recipe another --root, or "
+            "move that workdir aside")  # fmt: skip
 
 
 @dataclasses.dataclass
 class Outcome:
     run: SweepRun
-    status: str  # "done before" (skipped), "finished", "failed", "stopped"
+    status: str  # "done before" (skipped), "finished", "failed", "stopped", "refused"
     detail: str = ""
 
 
@@ -195,20 +207,14 @@ def run_all(runs, cwd=".", out=None) -> list[Outcome]:
     with launcher:
         for i, run in enumerate(runs, 1):
             head = f"[{i}/{len(runs)}] {run.label}: {run.workdir}"
+            conflict = recipe_conflict(run, cwd)
+            if conflict:
+                print(f"{head} refused: {conflict}", file=out, flush=True)
+                outcomes.append(Outcome(run, "refused", conflict))
+                continue
             if is_finished(run.workdir, cwd):
-                path = pathlib.Path(cwd) / run.workdir / logs.RESULTS_FILE
-                try:
-                    differ = config_differences(json.loads(path.read_text())["config"], run.config)
-                except (ValueError, KeyError):
-                    differ = [f"unreadable {logs.RESULTS_FILE}:"]
-                note = ""
-                if differ:
-                    note = (
-                        f"; WARNING: it was trained with another config "
-                        f"({', '.join(differ)} differ); use another --root for a new recipe"
-                    )
-                print(f"{head} finished before, skipped{note}", file=out, flush=True)
-                outcomes.append(Outcome(run, "done before", note.lstrip("; ")))
+                print(f"{head} finished before, skipped", file=out, flush=True)
+                outcomes.append(Outcome(run, "done before"))
                 continue
             if launcher.stopping:
                 outcomes.append(Outcome(run, "stopped", "not started: the sweep was stopped"))
@@ -259,8 +265,15 @@ class _Launcher:
         with log_path.open("a") as log:
             log.write(f"$ {run.shell()}\n")
             log.flush()
+            if self.stopping:  # SIGTERM came after run_all's check
+                return 0, "not started: the sweep was stopped"
+            # Undecodable bytes from the run (a stray binary line) must not kill the sweep and,
+            # through a broken pipe, the run.
             self.proc = subprocess.Popen(run.command, cwd=self.cwd, stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                                         stderr=subprocess.STDOUT, text=True,
+                                         errors="replace")  # fmt: skip
+            if self.stopping:  # SIGTERM came while it started: pass it on now
+                self._forward()
             try:
                 for line in self.proc.stdout:
                     self.out.write(line)

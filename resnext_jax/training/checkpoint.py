@@ -63,13 +63,32 @@ def checkpoint_manager(workdir, config) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         pathlib.Path(workdir).absolute() / CHECKPOINT_DIR,
         options=options,
-        item_names=("state", "meta"),
+        # Handlers named up front, so the metadata of a step can be read before restoring it.
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+        },
     )
 
 
+class ModelMismatchError(ValueError):
+    """A checkpoint holds another model than the config builds (not damage)."""
+
+
 def restore_latest(manager, state, step=None):
-    """(state, meta) from the latest (or the given) checkpoint; a clear error if unreadable."""
+    """(state, meta) from the latest (or the given) checkpoint; a clear error if unreadable,
+    ModelMismatchError if it holds arrays of other names or shapes than `state`."""
     step = manager.latest_step() if step is None else step
+    mismatches = model_mismatches(manager, step, state)
+    if mismatches:
+        shown = "; ".join(mismatches[:4]) + (
+            f"; and {len(mismatches) - 4} more" if len(mismatches) > 4 else ""
+        )
+        raise ModelMismatchError(
+            f"the checkpoint of step {step} in {manager.directory} holds another model than "
+            f"this config builds ({shown}). The checkpoint is intact: resume it with the model "
+            "config it was trained under, or train this model in a new workdir."
+        )
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     try:
         restored = manager.restore(
@@ -85,6 +104,31 @@ def restore_latest(manager, state, step=None):
             f"has been deleted."
         ) from e
     return restored.state, restored.meta
+
+
+def model_mismatches(manager, step, state) -> list[str]:
+    """Where checkpoint `step`'s params and batch_stats differ in names or shapes from `state`'s
+    ([] also if the checkpoint's metadata cannot be read: restoring then reports the damage)."""
+    try:
+        saved = manager.item_metadata(step)["state"]
+        saved = getattr(saved, "tree", saved)
+        saved = {k: saved[k] for k in ("params", "batch_stats")}
+    except Exception:  # Orbax raises many types for damaged files
+        return []
+    ours = {"params": state.params, "batch_stats": state.batch_stats}
+    a, b = _shapes(saved), _shapes(ours)
+    out = [
+        f"{k}: {a[k]} in the checkpoint, {b[k]} here" for k in a.keys() & b.keys() if a[k] != b[k]
+    ]
+    out += [f"{k} only in the checkpoint" for k in a.keys() - b.keys()]
+    out += [f"{k} only in this model" for k in b.keys() - a.keys()]
+    return sorted(out)
+
+
+def _shapes(tree) -> dict:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+            for path, leaf in leaves}  # fmt: skip
 
 
 def save(manager, step, state, meta) -> None:

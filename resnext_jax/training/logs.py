@@ -9,6 +9,7 @@ Errors are in percent; `step` counts optimizer steps done, `epoch` is step / ste
 
 import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -26,17 +27,52 @@ RESULTS_KEYS = (
 
 
 def read_metrics(workdir) -> list[dict]:
-    path = pathlib.Path(workdir) / METRICS_FILE
+    """The rows of a workdir's metrics.jsonl (damaged lines left out, with a warning)."""
+    return read_jsonl(pathlib.Path(workdir) / METRICS_FILE)
+
+
+def read_jsonl(path, warn=True) -> list[dict]:
+    """The JSON objects of a JSON-lines file, [] if there is none.
+
+    A host crash or a full disk can leave a line torn, NUL-filled or glued to the next one;
+    such lines are left out (and named on stderr) rather than failing every later reader.
+    """
+    path = pathlib.Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows, damaged = [], []
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step", 0), int):
+            rows.append(row)
+        else:
+            damaged.append(number)
+    if damaged and warn:
+        print(f"warning: {path}: left out {len(damaged)} damaged line(s) "
+              f"({', '.join(map(str, damaged[:5]))}{' ...' if len(damaged) > 5 else ''})",
+              file=sys.stderr)  # fmt: skip
+    return rows
 
 
 def write_json(path, obj):
     """Write atomically, so a crash never leaves half a file where a finished one was."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_text(path, text):
+    """Write `text` to `path` atomically (a temporary file, synced, renamed over it)."""
     path = pathlib.Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(path)
 
 
@@ -44,7 +80,7 @@ class Reporter:
     """Writes metrics on process 0 only; the others stay silent."""
 
     def __init__(self, workdir, total_steps, steps_per_epoch, batch_size, enabled=True,
-                 resume_step=0):  # fmt: skip
+                 resume_step=0, redo_eval=False):  # fmt: skip
         self.workdir = pathlib.Path(workdir)
         self.total_steps = total_steps
         self.steps_per_epoch = steps_per_epoch
@@ -53,10 +89,16 @@ class Reporter:
         self._tb = None
         if not enabled:
             return
-        # Rows past the checkpoint we resume from describe steps that will run again.
-        rows = [r for r in read_metrics(workdir) if r["step"] <= resume_step]
+        # Rows past the checkpoint we resume from describe steps that will run again, and so
+        # does an evaluation of the checkpoint's own step that its meta does not hold.
+        redo = {"eval"} if redo_eval else set()
+        rows = [
+            r
+            for r in read_metrics(workdir)
+            if r["step"] < resume_step or r["step"] == resume_step and r["split"] not in redo
+        ]
         path = self.workdir / METRICS_FILE
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
         self._file = path.open("a")
         try:
             from tensorboardX import SummaryWriter

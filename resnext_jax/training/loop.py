@@ -17,8 +17,9 @@ import ml_collections
 import numpy as np
 
 from resnext_jax.data import base
+from resnext_jax.devices import parallel
 from resnext_jax.models import inspector, variants
-from resnext_jax.training import checkpoint, logs, optim, steps
+from resnext_jax.training import checkpoint, logs, optim, recipe, steps
 from resnext_jax.training.preemption import Preemption
 
 
@@ -63,25 +64,45 @@ class Clock:
 
 
 def new_meta() -> dict:
-    """What each checkpoint carries beside the train state (JSON)."""
-    return {"step": 0, "wall_time_s": 0.0, "best_top1_error": None, "eval": None}
+    """What each checkpoint carries beside the train state (JSON). `eval` holds the step it
+    evaluated; `skipped_examples` counts the bad training examples replaced so far."""
+    return {"step": 0, "wall_time_s": 0.0, "best_top1_error": None, "eval": None,
+            "skipped_examples": 0}  # fmt: skip
 
 
-def train_and_evaluate(config, workdir) -> dict:
-    """Train `config` in `workdir` (resuming whatever is there) and evaluate; the results."""
+def train_and_evaluate(config, workdir, accept_config_change=False) -> dict:
+    """Train `config` in `workdir` (resuming whatever is there) and evaluate; the results.
+
+    Resuming under a config that changes the experiment raises recipe.ConfigMismatchError
+    unless `accept_config_change` (resnext_jax/training/recipe.py).
+    """
     if "://" in str(workdir):
         raise ValueError(
             f"workdir {workdir}: the trainer writes its logs with plain file I/O; give a folder "
             "on a file system every host shares (for a bucket, mount it with gcsfuse)"
         )
+    recipe.validate(config)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    run = steps.build_run(config)
-    plan = Plan.of(config, run.source.num_train)
-    tx = optim.create_optimizer(config, plan.steps_per_epoch)
-    state = steps.create_train_state(run, tx, jax.random.key(config.seed))
     manager = checkpoint.checkpoint_manager(workdir, config)
     try:
+        latest, changes = manager.latest_step(), ({}, {})
+        if latest is not None:
+            changes = recipe.check_resume(workdir, json.loads(config.to_json()), latest,
+                                          accept=accept_config_change)  # fmt: skip
+        run = steps.build_run(config)
+        plan = Plan.of(config, run.source.num_train)
+        if latest is not None and latest > plan.total_steps:
+            raise recipe.ConfigMismatchError(
+                f"{workdir} holds a checkpoint of step {latest}, past this config's last step "
+                f"{plan.total_steps}: evaluating it would report later weights as step "
+                f"{plan.total_steps}. Raise --config.num_epochs or --config.max_steps, or "
+                "train the shorter run in a new workdir."
+            )
+        if jax.process_index() == 0 and (note := recipe.record(workdir, latest, *changes)):
+            print(note, flush=True)
+        tx = optim.create_optimizer(config, plan.steps_per_epoch)
+        state = steps.create_train_state(run, tx, jax.random.key(config.seed))
         state, meta, report = _resume(config, workdir, run, manager, state, plan)
         clock = Clock(meta["wall_time_s"])
         state, meta, stopped = _loop(config, run, manager, report, state, meta, plan, clock)
@@ -90,8 +111,17 @@ def train_and_evaluate(config, workdir) -> dict:
             report.close()
             return {"status": "preempted", "step": stopped}
         return _finish(config, workdir, run, report, state, meta, plan, clock)
+    except checkpoint.ModelMismatchError as e:
+        raise recipe.ConfigMismatchError(str(e)) from None
     finally:
         manager.close()  # waits for saves in flight, so a finished checkpoint is never lost
+
+
+def _eval_due(meta, step, plan) -> bool:
+    """Whether checkpoint `step` is an evaluation step whose evaluation its meta lacks (the
+    loop saves before it evaluates, so a preemption may come between the two)."""
+    done = meta["eval"] is not None and meta["eval"].get("step", meta["step"]) == step
+    return step > 0 and not done and (step % plan.eval_every == 0 or step == plan.total_steps)
 
 
 def _resume(config, workdir, run, manager, state, plan):
@@ -99,15 +129,18 @@ def _resume(config, workdir, run, manager, state, plan):
     pretrained weights of `config.init_from`, else `state` as initialized."""
     meta = new_meta()
     if manager.latest_step() is not None:
-        state, meta = checkpoint.restore_latest(manager, state)
+        state, saved = checkpoint.restore_latest(manager, state)
+        meta.update(saved)
         how = f"resuming from the checkpoint of step {int(state.step)}"
     elif config.init_from:
         how = f"starting from the weights in {config.init_from}"
     else:
         how = "starting from scratch"
     primary = jax.process_index() == 0
+    step = int(state.step)
     report = logs.Reporter(workdir, plan.total_steps, plan.steps_per_epoch, config.batch_size,
-                           enabled=primary, resume_step=int(state.step))  # fmt: skip
+                           enabled=primary, resume_step=step,
+                           redo_eval=_eval_due(meta, step, plan))  # fmt: skip
     if manager.latest_step() is None and config.init_from:
         state = checkpoint.restore_pretrained(state, config, config.init_from, report.print)
     if primary:
@@ -122,16 +155,25 @@ def _resume(config, workdir, run, manager, state, plan):
 
 def _loop(config, run, manager, report, state, meta, plan, clock):
     """Train from `state` to the plan's last step; (state, meta, step saved at a preemption
-    or None)."""
+    or None).
+
+    At an evaluation step the state is saved first and evaluated while the save is written, so
+    a preemption during a long evaluation loses nothing: the resumed run evaluates that step.
+    """
     train_step = steps.make_train_step(run)
     schedule = optim.learning_rate_schedule(config, plan.steps_per_epoch)
     start_step = int(state.step)
     batches = base.prefetch(run.source.train_batches(config.batch_size, config.seed, start_step))
     window = Window()
     pending = None  # (step, metrics) of the step in flight, checked one step late
+    skipped = 0  # bad examples replaced in this process's rows since meta last counted them
     with Preemption(run.mesh) as preemption:
+        if start_step < plan.total_steps and _eval_due(meta, start_step, plan):
+            meta = _evaluate(run, state, meta, start_step, report)
         for step in range(start_step + 1, plan.total_steps + 1):
-            state, metrics = train_step(state, run.global_batch(next(batches)))
+            local = next(batches)
+            skipped += int(local.pop("skipped", 0))
+            state, metrics = train_step(state, run.global_batch(local))
             if pending:  # wait for the previous step only, so the device queue stays full
                 window.add(*pending, manager)
             pending = (step, metrics)
@@ -146,17 +188,23 @@ def _loop(config, run, manager, report, state, meta, plan, clock):
                 pending = None
             if first:  # the first step compiles: throughput counts from its end
                 window.restart_clock()
+            if at_log or at_save or stop:  # the same steps on every process
+                total = meta["skipped_examples"] + parallel.process_sum(skipped)
+                meta, skipped = {**meta, "skipped_examples": total}, 0
             if at_log and window.steps:
                 means, ips = window.means(), window.images_per_sec(config.batch_size)
                 lr = float(schedule(step - 1))
-                report.write("train", step, lr=lr, images_per_sec=ips, **means)
+                report.write("train", step, lr=lr, images_per_sec=ips, **means,
+                             skipped_examples=meta["skipped_examples"])  # fmt: skip
                 report.progress(step, means["loss"], means["top1_error"], ips, lr)
                 window.reset()
             paused = time.time()
-            if at_eval:
-                meta = _evaluate(run, state, meta, step, report)
             if at_save or stop:
                 meta = _save(manager, state, meta, step, clock)
+            if at_eval and not stop:
+                evaluated = _evaluate(run, state, meta, step, report, stop=preemption.poll)
+                stop = evaluated is None
+                meta = evaluated or meta
             window.start += time.time() - paused  # evaluating and saving are not training
             if stop:
                 manager.wait_until_finished()
@@ -168,7 +216,7 @@ def _loop(config, run, manager, report, state, meta, plan, clock):
 def _finish(config, workdir, run, report, state, meta, plan, clock) -> dict:
     """Evaluate the final state unless the loop just did; write results.json; the results."""
     total = plan.total_steps
-    if meta["eval"] is None or meta["step"] != total:  # resumed at the very end
+    if _eval_due(meta, total, plan):  # resumed at the very end
         meta = _evaluate(run, state, meta, total, report)
     shape = (1, *run.source.image_shape)
     final = meta["eval"]
@@ -189,6 +237,8 @@ def _finish(config, workdir, run, report, state, meta, plan, clock) -> dict:
         "top5_error": final["top5_error"],
         "eval_loss": final["loss"],
         "eval_examples": final["examples"],
+        "skipped_eval_examples": final.get("skipped", 0),
+        "skipped_train_examples": meta["skipped_examples"],
         "best_top1_error": meta["best_top1_error"],
         "wall_time_s": clock.elapsed(),
     }
@@ -202,18 +252,24 @@ def _finish(config, workdir, run, report, state, meta, plan, clock) -> dict:
     return results
 
 
-def _evaluate(run, state, meta, step, report) -> dict:
-    """Evaluate `state`, log it; `meta` with this eval and the best top-1 so far."""
-    result = steps.evaluate(run, {"params": state.params, "batch_stats": state.batch_stats})
-    best = meta["best_top1_error"]
-    report.write("eval", step, **result)
+def _evaluate(run, state, meta, step, report, stop=None) -> dict | None:
+    """Evaluate `state`, log it; `meta` with this eval and the best top-1 so far (None if
+    `stop()` said to stop before the evaluation ended)."""
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    result = steps.evaluate(run, variables, stop=stop)
+    if result is None:
+        report.print(f"eval at step {step} interrupted; the resumed run evaluates this step")
+        return None
+    result = {**result, "step": step}
+    report.write("eval", step, **{k: v for k, v in result.items() if k != "step"})
+    skipped = f", {result['skipped']} bad ones left out" if result.get("skipped") else ""
     report.print(
         f"eval at step {step}: top-1 err {result['top1_error']:.2f}% "
         f"top-5 err {result['top5_error']:.2f}% loss {result['loss']:.4f} "
-        f"({result['examples']} examples)"
+        f"({result['examples']} examples{skipped})"
     )
-    top1 = result["top1_error"]
-    return {**meta, "eval": result, "best_top1_error": min(best, top1) if best else top1}
+    best, top1 = meta["best_top1_error"], result["top1_error"]
+    return {**meta, "eval": result, "best_top1_error": top1 if best is None else min(best, top1)}
 
 
 def _save(manager, state, meta, step, clock) -> dict:

@@ -19,7 +19,7 @@ from flax.training import train_state
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from resnext_jax.data import sources
+from resnext_jax.data import base, sources
 from resnext_jax.devices import parallel
 from resnext_jax.devices.parallel import DATA_AXIS
 from resnext_jax.models import variants
@@ -47,10 +47,12 @@ class Run:
         return parallel.data_sharded(self.mesh)
 
     def global_batch(self, local: dict) -> dict:
-        """Assemble each process's numpy rows into one array sharded over the mesh."""
+        """Assemble each process's numpy rows into one array sharded over the mesh (leaving
+        out the host-side count "skipped" of resnext_jax/data/base.py)."""
         return {
             k: jax.make_array_from_process_local_data(self.data_sharding, v)
             for k, v in local.items()
+            if k != "skipped"
         }
 
 
@@ -176,20 +178,30 @@ def make_predict_step(run: Run):
                                out_specs=P(DATA_AXIS))  # fmt: skip
 
 
-def evaluate(run: Run, variables) -> dict:
-    """Loss, top-1 and top-5 error (percent) over every eval example exactly once."""
+def evaluate(run: Run, variables, stop=None) -> dict | None:
+    """Loss, top-1 and top-5 error (percent) over every eval example exactly once, and the
+    number of bad examples the source left out; None if `stop()` turns true on the way."""
     step = make_eval_step(run)
-    sums = None
+    sums, skipped = None, 0
     for local in run.source.eval_batches(run.config.eval_batch_size):
+        skipped += int(local.pop("skipped", 0))
         out = step(variables, run.global_batch(local))
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+        if stop is not None and stop():
+            return None
     sums = jax.tree.map(float, sums)
     n = sums["examples"]
+    if n == 0:
+        raise base.DataError(
+            "no evaluation example could be read (all were left out as bad); check the eval "
+            "split with scripts/check_dataset.py"
+        )
     return {
         "loss": sums["loss"] / n,
         "top1_error": 100 * (1 - sums["top1_correct"] / n),
         "top5_error": 100 * (1 - sums["top5_correct"] / n),
         "examples": int(n),
+        "skipped": parallel.process_sum(skipped),
     }
 
 

@@ -7,6 +7,7 @@ import PIL.Image
 import pytest
 
 from resnext_jax.data import preprocessing as pp
+from tests.fake_data import encode_image
 
 
 def jpeg(width, height, seed=0, quality=90, mode="RGB"):
@@ -174,3 +175,58 @@ def test_bad_settings_are_named():
         pp.Preprocess(mean=(0.5,))
     with pytest.raises(ValueError, match="crop_area_range"):
         pp.Preprocess(crop_area_range=(0.5, 0.1))
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
+def test_16_bit_grayscale_decodes_as_its_8_bit_version(mode):
+    rng = np.random.default_rng(0)
+    eight = np.tile(np.arange(256, dtype=np.uint8), (256, 1))  # a gradient over every level
+    # The 16-bit copy, with noise in the low byte that the 8-bit one rounds away.
+    sixteen = np.clip(eight.astype(np.int64) * 257 + rng.integers(-128, 128, eight.shape), 0, 65535)
+    if mode == "I;16":  # what a 16-bit PNG opens as
+        data = encode_image(sixteen.astype(np.uint16), "PNG")
+    elif mode == "I;16B":
+        data = encode_image(PIL.Image.frombytes(mode, (256, 256), sixteen.astype(">u2").tobytes()),
+                            "TIFF")  # fmt: skip
+    else:
+        data = encode_image(sixteen.astype(np.int32), "TIFF")
+    assert PIL.Image.open(io.BytesIO(data)).mode == mode
+    p = pp.Preprocess(image_size=256, augment="none", mean=(0,) * 3, std=(1 / 255,) * 3)
+    reference = pp.eval_image(np.repeat(eight[..., None], 3, -1), p)  # 0-255, unresized
+    np.testing.assert_array_equal(reference[0, :, 1], np.arange(256))
+    np.testing.assert_allclose(pp.eval_image(data, p), reference, atol=1.0 + 1e-4)
+
+
+class ResizeLimit:
+    """PIL's resize, refused (before it allocates) beyond `pixels` output pixels."""
+
+    def __init__(self, monkeypatch, pixels):
+        self.largest = 0
+        original = PIL.Image.Image.resize
+
+        def resize(image, size, *args, **kwargs):
+            self.largest = max(self.largest, size[0] * size[1])
+            assert size[0] * size[1] <= pixels, f"a resize to {size}"
+            return original(image, size, *args, **kwargs)
+
+        monkeypatch.setattr(PIL.Image.Image, "resize", resize)
+
+
+@pytest.mark.parametrize("augment", pp.IMAGE_AUGMENTATIONS)
+@pytest.mark.parametrize("shape", [(20000, 1), (1, 20000), (2, 300), (2, 150)])
+def test_thin_images_are_refused_and_the_rest_resize_within_bounds(shape, augment, monkeypatch):
+    p = pp.Preprocess(image_size=224, augment=augment)
+    # The shorter side at eval_resize (256), the longer at most MAX_ASPECT times that.
+    limit = ResizeLimit(monkeypatch, pixels=256 * 256 * pp.MAX_ASPECT)
+    data = encode_image(np.full(shape, 100, np.uint8), "PNG")
+    images = [lambda: pp.eval_image(data, p),
+              lambda: pp.train_image(data, np.random.default_rng(0), p)]  # fmt: skip
+    if max(shape) > pp.MAX_ASPECT * min(shape):  # 1:20000 and 1:150
+        for image in images:
+            with pytest.raises(pp.ImageShapeError, match=r"aspect ratio beyond 1:100"):
+                image()
+        assert limit.largest == 0  # refused from the header, before decoding
+    else:  # 1:75 trains and evaluates, within the bound
+        for image in images:
+            assert image().shape == (224, 224, 3)
+        assert limit.largest > 0

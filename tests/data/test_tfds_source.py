@@ -20,6 +20,7 @@ import tensorflow_datasets as tfds
 from resnext_jax.data import base, image_source, sources
 from resnext_jax.experiments import config_files
 from resnext_jax.training import loop
+from tests import fake_data
 from tests.training.test_loop import tiny_config
 
 cifar = config_files.config_module("cifar")
@@ -149,31 +150,24 @@ def image_folder(tmp_path_factory):
     return root
 
 
-def folder_source(root, **overrides):
-    config = default.get_config()
-    settings = dict(name="image_folder", data_dir=str(root), eval_split="val", image_size=16)
-    config.dataset.update({**settings, "workers": 2, **overrides})
-    return sources.get_source(config)
-
-
 def test_image_folder_lists_classes_and_checks_splits(image_folder, tmp_path):
-    source = folder_source(image_folder)
+    source = fake_data.folder_source(image_folder)
     assert source.num_classes == 6 and source.train_records.classes == list("abcdef")
     assert (source.num_train, source.num_eval) == (36, 10)
     with pytest.raises(base.DataError, match="its subfolders: train, val"):
-        folder_source(image_folder, eval_split="validation")
+        fake_data.folder_source(image_folder, eval_split="validation")
     with pytest.raises(base.DataError, match="data_dir=DIR"):
-        folder_source("")
+        fake_data.folder_source("")
     (tmp_path / "train" / "a").mkdir(parents=True)
     (tmp_path / "train" / "a" / "broken.jpg").write_bytes(b"not a jpeg")
     (tmp_path / "val").mkdir()
     (tmp_path / "val" / "zebra").mkdir()
     with pytest.raises(base.DataError, match="the training split lacks: zebra"):
-        folder_source(tmp_path)
+        fake_data.folder_source(tmp_path)
     (tmp_path / "val" / "zebra").rmdir()
     (tmp_path / "val" / "a").mkdir()
     (tmp_path / "val" / "a" / "ok.png").write_bytes(encode(np.zeros((8, 8, 3), np.uint8), "PNG"))
-    broken = folder_source(tmp_path)
+    broken = fake_data.folder_source(tmp_path)
     with pytest.raises(base.DataError, match="broken.jpg"):
         next(broken.train_batches(1, seed=0))
 
@@ -194,7 +188,7 @@ class Counting:
 
 
 def test_resumed_iterator_continues_and_reads_only_what_it_returns(image_folder):
-    source = folder_source(image_folder)
+    source = fake_data.folder_source(image_folder)
     fresh = source.train_batches(8, seed=5)  # 4 steps an epoch: step 6 is in the second
     batches = [next(fresh) for _ in range(8)]
     fresh.close()
@@ -215,7 +209,7 @@ def test_resumed_iterator_continues_and_reads_only_what_it_returns(image_folder)
 @pytest.mark.parametrize("processes", [2, 4])
 def test_processes_read_disjoint_shards_of_the_same_global_batches(image_folder, processes,
                                                                    monkeypatch):  # fmt: skip
-    source = folder_source(image_folder)
+    source = fake_data.folder_source(image_folder)
     whole = [next(source.train_batches(8, seed=1, start_step=s)) for s in range(5)]
     eval_whole = list(source.eval_batches(8))
     monkeypatch.setattr(jax, "process_count", lambda: processes)

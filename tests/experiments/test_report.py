@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from resnext_jax.experiments import config_files, report, sweeps
+from resnext_jax.experiments import config_files, report
 
 
 def table3_config(arg):
@@ -196,12 +196,6 @@ def test_settings_sharing_a_cell_get_their_own_rows(tmp_path):
         "| 50 (model.shortcut=false) |  |  | 26.00 (n=1) | 26.1 |\n"
         "| 50 (model.shortcut=true) | 24.00 (n=1) | 23.9 | 22.00 (n=1) | 22.2 |\n"
     ) in md
-
-
-def test_flatten_and_differences():
-    assert sweeps.flatten({"a": 1, "m": {"b": 2, "c": {"d": 3}}}) == {"a": 1, "m.b": 2,
-                                                                      "m.c.d": 3}  # fmt: skip
-    assert sweeps.config_differences({"m": {"b": 2}}, {"m": {"b": 3}, "x": 1}) == ["m.b", "x"]
 
 
 def test_paper_figures_print_as_the_paper_prints_them():

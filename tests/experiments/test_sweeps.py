@@ -149,6 +149,8 @@ with (workdir / "launches").open("a") as f:
     f.write("launch\\n")
 if (workdir / "FAIL").exists():
     sys.exit("error: boom")
+sys.stdout.buffer.write(b"a stray byte \\xff: not UTF-8\\n")  # the sweep must survive it
+sys.stdout.flush()
 print("resuming" if (workdir / "checkpoints").exists() else "from scratch")
 (workdir / "results.json").write_text(json.dumps({"config": json.loads(sys.argv[2])}))
 """
@@ -179,15 +181,39 @@ def test_run_all_skips_finished_resumes_unfinished_and_goes_on_after_a_failure(f
     assert (fresh / "train.log").read_text().splitlines()[-1] == "from scratch"
     assert "resuming\n" in out.getvalue() and "[4/4] cw=4x8d seed 1: " in out.getvalue()
 
+    assert "a stray byte \ufffd: not UTF-8\n" in out.getvalue()
+
     # Run again: the failure is retried, the rest are finished. A finished run whose config
-    # is not the planned one is still skipped, with a warning naming the fields.
+    # is not the planned one is refused, naming the fields, and so is an interrupted run (a
+    # checkpoint) started under another recipe; a change in logging is not another recipe.
     (failing / "FAIL").unlink()
     stale = dict(runs[0].config, batch_size=32)
     (done / "results.json").write_text(json.dumps({"config": stale}))
+    (fresh / "results.json").unlink()
+    (fresh / "checkpoints" / "3").mkdir(parents=True)
+    (fresh / "config.json").write_text(json.dumps(dict(runs[3].config, learning_rate=0.5)))
+    (unfinished / "results.json").write_text(
+        json.dumps({"config": dict(runs[1].config, log_every_steps=7)})
+    )
     outcomes = sweeps.run_all(runs, out=io.StringIO())
-    assert [o.status for o in outcomes] == ["done before", "done before", "finished",
-                                            "done before"]  # fmt: skip
-    assert "another config (batch_size differ)" in outcomes[0].detail
+    assert [o.status for o in outcomes] == ["refused", "done before", "finished", "refused"]
+    assert "finished under another config (batch_size: 32 there, 16 here)" in outcomes[0].detail
+    assert "was started under another config (learning_rate: 0.5 there, 0.1 here)" in (
+        outcomes[3].detail
+    )
+    assert (fresh / "launches").read_text() == "launch\n"  # not launched again
+
+
+def test_a_sigterm_just_before_the_launch_starts_nothing(family, tmp_path):
+    run = sweeps.expand(str(family), 1, str(tmp_path / "sweep"))[0]
+    run = sweeps.dataclasses.replace(run, command=(sys.executable, "-c", FAKE_TRAIN, run.workdir,
+                                                   json.dumps(run.config)))  # fmt: skip
+    launcher = sweeps._Launcher(".", io.StringIO())
+    with launcher:
+        launcher._guard._handle(signal.SIGTERM, None)  # between run_all's check and the launch
+        code, last = launcher.launch(run)
+    assert (code, last) == (0, "not started: the sweep was stopped")
+    assert not (pathlib.Path(run.workdir) / "launches").exists()
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,8 +18,8 @@ from resnext_jax.data import base, in_memory
 from resnext_jax.devices import runtime
 from resnext_jax.experiments import config_files
 from resnext_jax.models import variants
-from resnext_jax.training import logs, loop, steps
-from tests.fake_data import write_fake_fashion_mnist
+from resnext_jax.training import logs, loop, recipe, steps
+from tests.fake_data import encode_image, write_fake_fashion_mnist, write_files
 
 default = config_files.config_module("default")
 
@@ -97,6 +98,102 @@ def test_resume_matches_an_uninterrupted_run(straight_run, tmp_path):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
     steps = [r["step"] for r in logs.read_metrics(halves) if r["split"] == "train"]
     assert steps == [2, 3, 4, 6, 8]  # rows of the first run up to its checkpoint, then on
+
+
+@pytest.mark.slow
+def test_a_resume_under_another_recipe_is_refused_and_a_shorter_budget_too(straight_run, tmp_path):
+    straight, results = straight_run
+    workdir = tmp_path / "copy"
+    shutil.copytree(straight, workdir)
+    before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    changed = tiny_config(learning_rate=0.7, seed=5, **{"model.cardinality": 2})
+    with pytest.raises(recipe.ConfigMismatchError) as e:
+        loop.train_and_evaluate(changed, workdir)
+    assert "trained under another recipe" in str(e.value)
+    assert "model.cardinality: 4 in the workdir, 2 now" in str(e.value)
+    with pytest.raises(recipe.ConfigMismatchError, match="past this config's last step 4"):
+        loop.train_and_evaluate(tiny_config(max_steps=4), workdir)
+    assert before == {p: p.read_bytes() for p in before}  # nothing was touched
+    # Accepted, the change goes through and is recorded; results are the finished run's.
+    accepted = tiny_config(eval_batch_size=8, seed=3)
+    again = loop.train_and_evaluate(accepted, workdir, accept_config_change=True)
+    assert again["top1_error"] == results["top1_error"] and again["seed"] == 3
+    history = recipe.read_history(workdir)
+    assert [(h["step"], h["accepted"]) for h in history] == [(8, ["seed"])]
+    assert history[0]["changes"] == {"eval_batch_size": [16, 8], "seed": [0, 3]}
+    # Without its config.json, a different model is still named as one, not as damage.
+    (workdir / logs.CONFIG_FILE).unlink()
+    with pytest.raises(
+        recipe.ConfigMismatchError, match=r"holds another model .*The checkpoint is"
+    ):
+        loop.train_and_evaluate(tiny_config(**{"model.cardinality": 2}), workdir)
+    assert (workdir / "checkpoints" / "8").is_dir()
+
+
+@pytest.mark.slow
+def test_sigterm_during_an_evaluation_keeps_that_step(straight_run, tmp_path, monkeypatch):
+    """The step is saved before its evaluation; a resumed run evaluates it, and ends as an
+    uninterrupted run does."""
+    real_evaluate = steps.evaluate
+
+    def preempted_evaluate(run, variables, stop=None):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the evaluation runs
+        return real_evaluate(run, variables, stop=stop)
+
+    monkeypatch.setattr(steps, "evaluate", preempted_evaluate)
+    stopped = loop.train_and_evaluate(tiny_config(), tmp_path)
+    assert stopped == {"status": "preempted", "step": 4}  # the first evaluation step
+    assert (tmp_path / "checkpoints" / "4").is_dir()
+    assert [r["split"] for r in logs.read_metrics(tmp_path)] == ["train", "train"]
+    monkeypatch.setattr(steps, "evaluate", real_evaluate)
+    results = loop.train_and_evaluate(tiny_config(), tmp_path)
+    straight, expected = straight_run
+    assert results["top1_error"] == expected["top1_error"]
+    assert results["best_top1_error"] == expected["best_top1_error"]
+    rows = [(r["split"], r["step"]) for r in logs.read_metrics(tmp_path)]
+    assert rows == [(r["split"], r["step"]) for r in logs.read_metrics(straight)]
+
+
+@pytest.mark.slow
+def test_bad_images_stop_the_run_or_are_skipped_and_counted(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", 9), ("val", 4)):
+        for label in ("a", "b"):
+            write_files(tmp_path / "data" / split / label, {
+                f"{i}.png": encode_image(rng.integers(0, 256, (12, 12, 3), np.uint8), "PNG")
+                for i in range(per_class)})  # fmt: skip
+        (tmp_path / "data" / split / "b" / "9_broken.jpg").write_bytes(b"\xff\xd8 cut short")
+    data = {"dataset.name": "image_folder", "dataset.data_dir": str(tmp_path / "data"),
+            "dataset.train_split": "train", "dataset.eval_split": "val", "model.num_classes": 2,
+            "dataset.image_size": 8, "dataset.num_train_examples": 0,
+            "dataset.num_eval_examples": 0, "batch_size": 8, "eval_batch_size": 8}  # fmt: skip
+    with pytest.raises(base.DataError, match=r"9_broken.jpg.*--config.dataset.bad_examples=skip"):
+        loop.train_and_evaluate(tiny_config(**data), tmp_path / "error")
+    results = loop.train_and_evaluate(
+        tiny_config(**data, **{"dataset.bad_examples": "skip"}), tmp_path / "skip"
+    )
+    # The broken file is train example 18 of 19 (b/9_broken.jpg sorts last): each time the
+    # epoch order puts it in a batch, the next good example (0) stands in for it.
+    expected = sum(int(18 in base.batch_ids(0, s, 19, 8)) for s in range(results["steps"]))
+    assert results["skipped_train_examples"] == expected > 0
+    assert results["skipped_eval_examples"] == 1 and results["eval_examples"] == 8
+    rows = logs.read_metrics(tmp_path / "skip")
+    assert [r["skipped"] for r in rows if r["split"] == "eval"] == [1, 1]
+    assert rows[-2]["skipped_examples"] == expected  # the last train row
+
+
+def test_a_best_error_of_zero_is_kept(monkeypatch):
+    monkeypatch.setattr(steps, "evaluate", lambda run, variables, stop=None: {
+        "loss": 0.1, "top1_error": 5.0, "top5_error": 0.0, "examples": 8})  # fmt: skip
+
+    class State:
+        params = batch_stats = None
+
+    meta = {**loop.new_meta(), "best_top1_error": 0.0}
+    report = logs.Reporter(".", 8, 4, 8, enabled=False)
+    assert loop._evaluate(None, State(), meta, 4, report)["best_top1_error"] == 0.0
+    meta = loop.new_meta()
+    assert loop._evaluate(None, State(), meta, 4, report)["best_top1_error"] == 5.0
 
 
 @pytest.mark.slow
@@ -243,7 +340,7 @@ def test_sigterm_saves_and_resume_finishes(tmp_path):
     saved = int(out.split("preempted: saved step ")[1].split(";")[0])
     assert (tmp_path / "checkpoints" / str(saved)).is_dir()
     assert not (tmp_path / "results.json").exists()
-    resumed = _script(*args[:-1], "--config.num_epochs=2", f"--config.max_steps={saved + 2}")
+    resumed = _script(*args, f"--config.max_steps={saved + 2}")  # a free change
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
     assert f"resuming from the checkpoint of step {saved}" in out

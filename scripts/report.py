@@ -6,6 +6,9 @@ Writes into DIR (default: the directory's report/): report.md (top-1 error, mean
 seeds with n, the paper's figure beside each cell; parameters and multiply-adds; unfinished
 runs), table.csv (the same layout), settings.csv (one row per setting), runs.csv (one row per
 run), and PNG plots: top-1 error vs cardinality, and train/eval error curves (Fig. 5).
+A depth study (plain and residual nets at several depths, e.g. configs/degradation.py's sweep)
+gets instead a plain vs residual table by depth (also depth_study.csv), train and test error vs
+depth (error_vs_depth_*.png) and He et al. 2016's Fig. 6 curves (curves_by_depth_*.png).
 """
 
 import os

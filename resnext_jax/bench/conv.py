@@ -138,13 +138,9 @@ def timed_functions(impl, x_shape, k, strides, groups, out, dtype):
     return fns, (x, kernel, dy)
 
 
-def bench_shape(spec, impls, parts, reps, dtype):
-    x_shape, k, strides, groups, out = parse_shape(spec)
-    modes = ["fwd", "dx", "dw", "fwd+bwd", "block"] if parts else ["fwd", "fwd+bwd", "block"]
-    if (k, groups) != (1, 1):
-        impls = [i for i in impls if i != "pointwise"]
-    runs = {"dense C=1": timed_functions("xla", x_shape, k, strides, 1, out, dtype)}
-    runs.update({i: timed_functions(i, x_shape, k, strides, groups, out, dtype) for i in impls})
+def median_ms(runs, modes, reps) -> dict:
+    """{(name, mode): median ms} of `runs` ({name: (fns, args)} as `timed_functions` returns),
+    compiled and warmed up first, then timed interleaved `reps` times."""
     for fns, args in runs.values():  # compile and warm up
         for mode in modes:
             jax.block_until_ready(fns[mode](*args))
@@ -155,7 +151,32 @@ def bench_shape(spec, impls, parts, reps, dtype):
                 start = time.perf_counter()
                 jax.block_until_ready(fns[mode](*args))
                 times[name, mode].append(time.perf_counter() - start)
-    ms = {key: 1e3 * statistics.median(v) for key, v in times.items()}
+    return {key: 1e3 * statistics.median(v) for key, v in times.items()}
+
+
+def time_stacks(stacks, reps, dtype=jnp.float32, modes=("fwd", "fwd+bwd")) -> dict:
+    """{name: {mode: ms}} of stacks of conv layers ({name: [(impl, x_shape, k, groups, out)]}),
+    each layer timed alone (stride 1) and the medians summed over a stack, side by side."""
+    runs = {
+        (name, i): timed_functions(impl, x_shape, k, 1, groups, out, dtype)
+        for name, stack in stacks.items()
+        for i, (impl, x_shape, k, groups, out) in enumerate(stack)
+    }
+    ms = median_ms(runs, modes, reps)
+    return {
+        name: {m: sum(ms[(name, i), m] for i in range(len(stack))) for m in modes}
+        for name, stack in stacks.items()
+    }
+
+
+def bench_shape(spec, impls, parts, reps, dtype):
+    x_shape, k, strides, groups, out = parse_shape(spec)
+    modes = ["fwd", "dx", "dw", "fwd+bwd", "block"] if parts else ["fwd", "fwd+bwd", "block"]
+    if (k, groups) != (1, 1):
+        impls = [i for i in impls if i != "pointwise"]
+    runs = {"dense C=1": timed_functions("xla", x_shape, k, strides, 1, out, dtype)}
+    runs.update({i: timed_functions(i, x_shape, k, strides, groups, out, dtype) for i in impls})
+    ms = median_ms(runs, modes, reps)
     kernel = (k, k, x_shape[-1] // groups, out)
     auto = conv_ops.select_impl(x_shape, kernel, strides, groups)
     xla_auto = conv_ops.select_impl(x_shape, kernel, strides, groups, use_onednn=False)

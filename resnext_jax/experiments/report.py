@@ -4,12 +4,20 @@ Every run directory (results.json, config.json, metrics.jsonl or a sweep's train
 root is read. Finished runs (results.json) of the same config but for the seed are one setting;
 a setting's cell is at row `model.depth`, column `CxDd` (cardinality x base width), one table
 per dataset. `scripts/report.py` is the command line.
+
+A depth study (He et al. 2016, Fig. 1 and 6: the degradation problem) is detected by what its
+settings vary, not by the family's name: settings of one dataset that are alike but for
+`model.depth` (with `model.stage_sizes`) and `model.shortcut`, holding both shortcut values and
+more than one depth, as configs/degradation.py's sweep does. Such a study gets a table of train
+and test error by depth, plain against residual (depth_study.csv), a plot of both against
+depth, and Fig. 6's training curves; the Table 3 plots, meaningless for it, are left out.
 """
 
 import csv
 import dataclasses
 import io
 import json
+import math
 import os
 import pathlib
 import statistics
@@ -200,8 +208,13 @@ def mean_std(values):
 def error_cell(setting: Setting | None) -> str:
     if setting is None:
         return ""
-    mean, std, n = mean_std(setting.values("top1_error"))
-    more = f", +{len(setting.unfinished)} unfinished" if setting.unfinished else ""
+    return values_cell(setting.values("top1_error"), len(setting.unfinished))
+
+
+def values_cell(values, unfinished=0) -> str:
+    """mean ± std (n=N[, +K unfinished]) of errors in %."""
+    mean, std, n = mean_std(values)
+    more = f", +{unfinished} unfinished" if unfinished else ""
     if n == 0:
         return f"- (n=0{more})"
     spread = f" ± {std:.2f}" if std is not None else ""
@@ -251,7 +264,7 @@ def _md_table(header, rows) -> str:
     return "\n".join(lines)
 
 
-def markdown(root, tables, runs, not_started, plots) -> str:
+def markdown(root, tables, runs, not_started, plots, studies=()) -> str:
     finished = sum(r.results is not None for r in runs)
     out = [
         "# Sweep report",
@@ -294,6 +307,9 @@ def markdown(root, tables, runs, not_started, plots) -> str:
         ]
         for title, file in plots.get(dataset, []):
             out += ["", f"![{title}]({file})"]
+        for study in studies:
+            if study.dataset == dataset:
+                out += ["", *study_markdown(study)]
     unfinished = [r for r in runs if r.results is None]
     if unfinished:
         out += ["", "## Unfinished runs (not averaged)", ""]
@@ -491,23 +507,208 @@ def plot_table(dataset, table, out_dir) -> list[tuple[str, str]]:
     return written
 
 
+# What a depth study's settings may differ in; every other field must be alike.
+STUDY_FIELDS = ("model.depth", "model.stage_sizes", "model.shortcut")
+NETS = {False: "plain", True: "residual"}  # by model.shortcut
+
+
+@dataclasses.dataclass
+class DepthStudy:
+    """Plain and residual nets at several depths, all else alike (He et al. 2016, Fig. 6)."""
+
+    dataset: str
+    label: str  # the fields telling apart studies of one dataset ("" for the only one)
+    cells: dict  # {(depth, shortcut): Setting}
+    plots: list = dataclasses.field(default_factory=list)  # [(title, file name)]
+
+    @property
+    def depths(self):
+        return sorted({depth for depth, _ in self.cells})
+
+    @property
+    def slug(self):
+        return config_files.slug(f"{self.dataset}_{self.label}" if self.label else self.dataset)
+
+
+def depth_studies(tables) -> list[DepthStudy]:
+    """The depth studies among each dataset's settings (see the module docstring)."""
+    studies = []
+    for dataset, table in tables.items():
+        groups = {}
+        for s in table:
+            flat = recipe.flatten({k: v for k, v in s.config.items() if k != "seed"})
+            rest = {k: v for k, v in flat.items() if k not in STUDY_FIELDS}
+            groups.setdefault(json.dumps(rest, sort_keys=True), []).append(s)
+        found = [
+            (json.loads(key), alike)
+            for key, alike in groups.items()
+            if {s.config["model"]["shortcut"] for s in alike} == {False, True}
+            and len({s.depth for s in alike}) > 1
+        ]
+        fields = set()
+        for rest, _ in found[1:]:
+            fields.update(recipe.differences(found[0][0], rest))
+        for rest, alike in found:
+            label = ", ".join(f"{k}={json.dumps(rest.get(k))}" for k in sorted(fields))
+            cells = {(s.depth, s.config["model"]["shortcut"]): s for s in alike}
+            studies.append(DepthStudy(dataset, label, cells))
+    return studies
+
+
+def final_train_error(run: RunFiles):
+    """The mean top-1 error of the train rows logged in a run's last epoch, or None.
+
+    These are the running errors of training mode (augmented batches, BN batch statistics,
+    weights changing over the epoch), as He et al.'s Fig. 6 thin curves, not a re-evaluation
+    of the final weights on the training set.
+    """
+    rows = [r for r in run.metrics if r["split"] == "train" and r.get("top1_error") is not None]
+    if not rows:
+        return None
+    last = math.ceil(rows[-1]["epoch"])
+    return statistics.fmean(r["top1_error"] for r in rows if r["epoch"] > last - 1)
+
+
+def train_errors(setting: Setting) -> list[float]:
+    errors = (final_train_error(r) for r in setting.runs)
+    return [e for e in errors if e is not None]
+
+
+def study_markdown(study: DepthStudy) -> list[str]:
+    """The plain vs residual table of one depth study, its notes and plots, as lines."""
+    header = ["depth"] + [f"{NETS[sc]} {split}" for sc in (False, True)
+                          for split in ("train", "test")]  # fmt: skip
+    body = []
+    for depth in study.depths:
+        line = [str(depth)]
+        for shortcut in (False, True):
+            s = study.cells.get((depth, shortcut))
+            if s is None:
+                line += ["", ""]
+                continue
+            line += [values_cell(train_errors(s)),
+                     values_cell(s.values("top1_error"), len(s.unfinished))]  # fmt: skip
+        body.append(line)
+    title = f"{study.dataset}{f' ({study.label})' if study.label else ''}"
+    out = [
+        f"### {title}: plain vs residual by depth (cf. He et al. 2016, Fig. 1 and Fig. 6)",
+        "",
+        _md_table(header, body),
+        "",
+        "Top-1 error (%), mean ± sample std over seeds (n). Train: the running training-mode "
+        "error averaged over the train rows logged in each run's last epoch (as Fig. 6's thin "
+        "curves), not a re-evaluation of the final weights. Test: results.json's top-1 error "
+        "on the eval split at the end of training. Plain: model.shortcut=false.",
+    ]
+    for title, file in study.plots:
+        out += ["", f"![{title}]({file})"]
+    return out
+
+
+def study_csv(studies) -> str:
+    """One row per depth study cell: dataset, study, depth, net, n, train and test error."""
+    header = ["dataset", "study", "depth", "net", "n", "unfinished", "train_top1_error_mean",
+              "train_top1_error_std", "test_top1_error_mean", "test_top1_error_std"]  # fmt: skip
+    rows = []
+    for study in studies:
+        for (depth, shortcut), s in sorted(study.cells.items()):
+            train = mean_std(train_errors(s))
+            test = mean_std(s.values("top1_error"))
+            rows.append([study.dataset, study.label, depth, NETS[shortcut], len(s.runs),
+                         len(s.unfinished), _num(train[0]), _num(train[1]), _num(test[0]),
+                         _num(test[1])])  # fmt: skip
+    return _csv(header, rows)
+
+
+def plot_study(study: DepthStudy, out_dir) -> list[tuple[str, str]]:
+    """Train and test error vs depth, and Fig. 6's curves: [(title, file name)]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    if not any(s.runs for s in study.cells.values()):
+        return []
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    written = []
+
+    fig, axes = plt.subplots(1, 2, figsize=(10.4, 4.2))
+    for ax, split in zip(axes, ("train", "test"), strict=True):
+        for shortcut, color in ((False, colors[3]), (True, colors[0])):
+            points = []
+            for depth in study.depths:
+                s = study.cells.get((depth, shortcut))
+                values = (
+                    (train_errors(s) if split == "train" else s.values("top1_error")) if s else []
+                )
+                ax.scatter([depth] * len(values), values, color=color, alpha=0.3, s=14)
+                if values:
+                    points.append((depth, statistics.fmean(values)))
+            if points:
+                ax.plot(*zip(*points, strict=True), color=color, marker="o",
+                        label=NETS[shortcut])  # fmt: skip
+        ax.set_xticks(study.depths)
+        ax.set_xlabel("depth (layers)")
+        ax.set_ylabel(f"{split} top-1 error (%)")
+        ax.set_title(f"{split} error" + (" (running, last epoch)" if split == "train" else ""))
+        ax.legend(fontsize="small")
+    fig.suptitle(f"{study.dataset}: error vs depth, mean over seeds (points: seeds)")
+    fig.tight_layout()
+    name = f"error_vs_depth_{study.slug}.png"
+    fig.savefig(pathlib.Path(out_dir) / name, dpi=100)
+    plt.close(fig)
+    written.append(("train and test top-1 error vs depth, plain and residual", name))
+
+    fig, axes = plt.subplots(1, 2, figsize=(10.4, 4.2), sharey=True)
+    for ax, shortcut in zip(axes, (False, True), strict=True):
+        for i, depth in enumerate(study.depths):
+            s = study.cells.get((depth, shortcut))
+            if s is None or not s.runs:
+                continue
+            color = colors[i % len(colors)]
+            ax.plot(*curves(s, "train"), color=color, lw=1, ls="--")
+            ax.plot(*curves(s, "eval"), color=color, lw=2.2,
+                    label=f"{NETS[shortcut]}-{depth} (n={len(s.runs)})")  # fmt: skip
+        ax.set_title(NETS[shortcut])
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize="small")
+    axes[0].set_ylabel("top-1 error (%): dashed train, bold test")
+    fig.suptitle(f"{study.dataset}: training curves, mean over seeds (cf. He et al. Fig. 6)")
+    fig.tight_layout()
+    name = f"curves_by_depth_{study.slug}.png"
+    fig.savefig(pathlib.Path(out_dir) / name, dpi=100)
+    plt.close(fig)
+    written.append(("train (dashed) and test (bold) top-1 error vs epoch, by depth", name))
+    return written
+
+
 def write_report(root, out_dir, plots=True) -> dict[str, pathlib.Path]:
-    """Write report.md, table.csv, settings.csv, runs.csv and the plots into `out_dir`."""
+    """Write report.md, table.csv, settings.csv, runs.csv, depth_study.csv (if a depth study
+    is among the runs) and the plots into `out_dir`."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs, not_started = collect(root)
     tables = group(runs)
-    figures = {d: plot_table(d, t, out_dir) for d, t in tables.items()} if plots else {}
+    studies = depth_studies(tables)
+    in_study = {id(s) for study in studies for s in study.cells.values()}
+    figures = {}
+    if plots:
+        for study in studies:
+            study.plots = plot_study(study, out_dir)
+        figures = {d: plot_table(d, t, out_dir) for d, t in tables.items()
+                   if not all(id(s) in in_study for s in t)}  # fmt: skip
     files = {
-        "report.md": markdown(root, tables, runs, not_started, figures),
+        "report.md": markdown(root, tables, runs, not_started, figures, studies),
         "table.csv": table_csv(tables),
         "settings.csv": settings_csv(tables),
         "runs.csv": runs_csv(runs, not_started),
     }
+    if studies:
+        files["depth_study.csv"] = study_csv(studies)
     written = {}
     for name, text in files.items():
         (out_dir / name).write_text(text)
         written[name] = out_dir / name
-    for figure in figures.values():
+    for figure in [*figures.values(), *(study.plots for study in studies)]:
         written.update({name: out_dir / name for _, name in figure})
     return written

@@ -6,11 +6,16 @@ Layer names map one to one onto torchvision's state_dict keys:
     stage{i}_block{j}/convK     <->  layer{i}.{j}.convK        (bnK likewise)
     stage{i}_block{j}/proj_conv <->  layer{i}.{j}.downsample.0 (proj_bn: downsample.1)
     head                        <->  fc
+
+Two hooks for resnext_jax/experiments/analysis.py leave outputs and variables unchanged when
+unused: `lesioned` names blocks whose residual branch is removed (Veit et al. 2016), and the
+input of every block passes through `perturb` (its gradient is d loss / d input when a
+"perturbations" collection is passed to `apply`; `init` creates none).
 """
 
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -105,6 +110,7 @@ class BasicBlock(nn.Module):
     norm: ModuleDef
     shortcut: bool = True
     zero_init_last_bn: bool = False
+    lesioned: bool = False
     expansion = 1
 
     @nn.compact
@@ -131,6 +137,7 @@ class Bottleneck(nn.Module):
     base_width: int = 64
     shortcut: bool = True
     zero_init_last_bn: bool = False
+    lesioned: bool = False
     form: str = "grouped"
     expansion = 4
 
@@ -184,15 +191,64 @@ def _last_bn_init(zero_init: bool) -> Callable:
 
 
 def _add_shortcut(block, x, y):
-    """ReLU after the residual add; a type-B projection only where the shape changes."""
+    """ReLU after the residual add; a type-B projection only where the shape changes.
+
+    A `lesioned` block drops its residual branch `y` (its parameters stay, unused): the
+    identity passes `x` on unchanged (x is post-ReLU), a projection block outputs its
+    projection alone, and a plain block (no shortcut) becomes the identity where the shapes
+    allow it (`BlockSpec.removable`).
+    """
     if not block.shortcut:  # Section 5.1's ablation: no identity and no projection paths.
-        return nn.relu(y)
+        if not block.lesioned:
+            return nn.relu(y)
+        if x.shape != y.shape:
+            raise ValueError(
+                f"{block.name}: a plain block that changes the shape from {x.shape} to "
+                f"{y.shape} cannot be replaced by the identity"
+            )
+        return x
     out_features = block.planes * block.expansion
-    residual = x
-    if x.shape[-1] != out_features or block.strides != 1:
-        residual = block.conv(out_features, 1, block.strides, name="proj_conv")(x)
-        residual = block.norm(name="proj_bn")(residual)
-    return nn.relu(y + residual)
+    if x.shape[-1] == out_features and block.strides == 1:
+        return x if block.lesioned else nn.relu(y + x)
+    residual = block.conv(out_features, 1, block.strides, name="proj_conv")(x)
+    residual = block.norm(name="proj_bn")(residual)
+    return nn.relu(residual if block.lesioned else y + residual)
+
+
+class BlockSpec(NamedTuple):
+    """One residual block of a `ResNet`, in order: its name and shape."""
+
+    name: str  # stage{i}_block{j}, the block's parameter scope
+    index: int  # position from the input, 0-based
+    planes: int
+    strides: int
+    in_features: int
+    out_features: int
+    shortcut: bool
+
+    @property
+    def changes_shape(self) -> bool:
+        return self.strides != 1 or self.in_features != self.out_features
+
+    @property
+    def removable(self) -> bool:
+        """Whether the block can be lesioned: always with shortcuts, else only as identity."""
+        return self.shortcut or not self.changes_shape
+
+
+def block_specs(model) -> list[BlockSpec]:
+    """The blocks of `model` (a `ResNet`) in order, without tracing it."""
+    expansion = (BasicBlock if model.block == "basic" else Bottleneck).expansion
+    specs, features = [], model.stem_width
+    for i, num_blocks in enumerate(model.stage_sizes):
+        for j in range(num_blocks):
+            planes = model.planes * 2**i
+            strides = 2 if i > 0 and j == 0 else 1
+            spec = BlockSpec(f"stage{i + 1}_block{j}", len(specs), planes, strides, features,
+                             planes * expansion, model.shortcut)  # fmt: skip
+            specs.append(spec)
+            features = spec.out_features
+    return specs
 
 
 class ResNet(nn.Module):
@@ -220,6 +276,7 @@ class ResNet(nn.Module):
     conv_impl: str = "auto"
     form: str = "grouped"
     axis_name: str | None = None  # the device axis, inside a per-device step (BatchNorm)
+    lesioned: tuple[str, ...] = ()  # names of blocks whose residual branch is removed
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -253,15 +310,22 @@ class ResNet(nn.Module):
                 base_width=self.base_width,
                 form=self.form,
             )
-        for i, num_blocks in enumerate(self.stage_sizes):
-            for j in range(num_blocks):
-                x = block(
-                    planes=self.planes * 2**i,
-                    strides=2 if i > 0 and j == 0 else 1,
-                    shortcut=self.shortcut,
-                    zero_init_last_bn=self.zero_init_last_bn,
-                    name=f"stage{i + 1}_block{j}",
-                )(x)
+        specs = block_specs(self)
+        unknown = set(self.lesioned) - {spec.name for spec in specs}
+        if unknown:
+            raise ValueError(f"lesioned blocks {sorted(unknown)} are not among {specs[0].name}"
+                             f"..{specs[-1].name}")  # fmt: skip
+        for spec in specs:
+            if not self.is_initializing():  # so init's variables hold no "perturbations"
+                x = self.perturb(f"{spec.name}_input", x)
+            x = block(
+                planes=spec.planes,
+                strides=spec.strides,
+                shortcut=self.shortcut,
+                zero_init_last_bn=self.zero_init_last_bn,
+                lesioned=spec.name in self.lesioned,
+                name=spec.name,
+            )(x)
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
         return x.astype(jnp.float32)

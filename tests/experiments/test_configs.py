@@ -88,3 +88,41 @@ def test_default_workdir_is_derived_from_the_config_spec():
     assert config_files.default_workdir("configs/fashion_mnist.py") == "workdirs/fashion_mnist"
     spec = "configs/table3.py:depth=101,cw=8x14d"
     assert config_files.default_workdir(spec) == "workdirs/table3_depth-101_cw-8x14d"
+
+
+def test_degradation_family_and_sweep():
+    import jax
+    import jax.numpy as jnp
+
+    degradation = config_files.config_module("degradation")
+    assert degradation.get_sweep() == [
+        f"depth={d},net={n}" for n in ("plain", "resnet") for d in (8, 20, 32, 56)
+    ]
+    for arg in degradation.get_sweep():
+        config = config_files.load_config(f"configs/degradation.py:{arg}")
+        m = config.model
+        n = (m.depth - 2) // 6
+        assert tuple(m.stage_sizes) == (n, n, n) and m.depth == 6 * n + 2
+        assert (m.block, m.stem, m.input_channels, m.num_classes) == ("basic", "cifar", 1, 10)
+        assert m.shortcut == arg.endswith("resnet")
+        assert config.dataset.name == "fashion_mnist" and config.nesterov is False
+        assert tuple(config.lr_drop_epochs) == (config.num_epochs / 2, config.num_epochs * 0.75)
+    with pytest.raises(ValueError, match=r"choose one of \[8, 14, 20, 32, 44, 56\]"):
+        degradation.get_config("depth=26")
+    with pytest.raises(ValueError, match=r"choose one of \['plain', 'resnet'\]"):
+        degradation.get_config("net=residual")
+    with pytest.raises(ValueError, match=r"keys \['depth', 'net'\]"):
+        degradation.get_config("shortcut=false")
+
+    # 6n+2 weighted layers: the stem's 3x3 conv, two 3x3 convs per block, the classifier;
+    # the residual net adds 1x1 projections where the shape changes (stages 2 and 3).
+    x = jax.ShapeDtypeStruct((2, 28, 28, 1), jnp.float32)
+    for net, projections in (("plain", 0), ("resnet", 2)):
+        model = variants.build_model(degradation.get_config(f"depth=56,net={net}").model)
+        params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+        kernels = [(jax.tree_util.keystr(path), leaf.shape)
+                   for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+                   if path[-1].key == "kernel"]  # fmt: skip
+        assert sum(shape[:2] == (3, 3) for _, shape in kernels) == 55
+        assert sum(shape[:2] == (1, 1) for _, shape in kernels) == projections
+        assert [shape for _, shape in kernels if len(shape) == 2] == [(64, 10)]

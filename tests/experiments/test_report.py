@@ -201,3 +201,83 @@ def test_settings_sharing_a_cell_get_their_own_rows(tmp_path):
 def test_paper_figures_print_as_the_paper_prints_them():
     cells = [report._paper_cell(v) for v in (23.0, 22.2, 3.65, 17.77, None)]
     assert cells == ["23.0", "22.2", "3.65", "17.77", "-"]
+
+
+def degradation_config(depth, net):
+    return json.loads(
+        config_files.load_config(f"configs/degradation.py:depth={depth},net={net}").to_json()
+    )
+
+
+@pytest.fixture(scope="module")
+def depth_study(tmp_path_factory):
+    """A degradation sweep: plain and residual at depths 8 and 20, two seeds but one missing."""
+    root = tmp_path_factory.mktemp("degradation")
+    errors = {(8, "plain"): (10.0, 12.0), (20, "plain"): (14.0, 16.0),
+              (8, "resnet"): (9.0, 11.0), (20, "resnet"): (7.0,)}  # fmt: skip
+    for (depth, net), tops in errors.items():
+        for seed, top1 in enumerate(tops):
+            workdir = root / f"depth-{depth}_net-{net}/seed{seed}"
+            fake_run(workdir, degradation_config(depth, net), seed, top1)
+            # A second train row in the last epoch: the train error is the mean of 1.5 and
+            # 2.0's rows, (top1 + 1 + top1 + 3) / 2 = top1 + 2.
+            row = {"split": "train", "step": 15, "epoch": 1.5, "loss": 1.0, "lr": 0.1,
+                   "top1_error": top1 + 3, "top5_error": 1.0}  # fmt: skip
+            with (workdir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+    fake_run(root / "depth-20_net-resnet/seed1", degradation_config(20, "resnet"), 1)
+    out = root / "report"
+    written = report.write_report(root, out)
+    return root, out, written
+
+
+def test_depth_study_table_and_csv(depth_study):
+    _, out, written = depth_study
+    md = (out / "report.md").read_text()
+    assert (
+        "| depth | plain train | plain test | residual train | residual test |\n"
+        "|---|---|---|---|---|\n"
+        "| 8 | 13.00 ± 1.41 (n=2) | 11.00 ± 1.41 (n=2) | 12.00 ± 1.41 (n=2) "
+        "| 10.00 ± 1.41 (n=2) |\n"
+        "| 20 | 17.00 ± 1.41 (n=2) | 15.00 ± 1.41 (n=2) | 9.00 (n=1) "
+        "| 7.00 (n=1, +1 unfinished) |\n"
+    ) in md
+    rows = read_csv(out / "depth_study.csv")
+    assert [(r["depth"], r["net"], r["n"], r["unfinished"]) for r in rows] == [
+        ("8", "plain", "2", "0"), ("8", "residual", "2", "0"),
+        ("20", "plain", "2", "0"), ("20", "residual", "1", "1"),
+    ]  # fmt: skip
+    assert rows[2] == {"dataset": "fashion_mnist", "study": "", "depth": "20", "net": "plain",
+                       "n": "2", "unfinished": "0", "train_top1_error_mean": "17.0",
+                       "train_top1_error_std": "1.414214", "test_top1_error_mean": "15.0",
+                       "test_top1_error_std": "1.414214"}  # fmt: skip
+    assert written["depth_study.csv"] == out / "depth_study.csv"
+
+
+def test_depth_study_plots_replace_the_table3_plots(depth_study):
+    _, out, written = depth_study
+    md = (out / "report.md").read_text()
+    for name in ("error_vs_depth_fashion_mnist.png", "curves_by_depth_fashion_mnist.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000, name
+        assert f"]({name})" in md and name in written
+    assert not list(out.glob("top1_vs_cardinality_*")) and not list(out.glob("curves_fash*"))
+
+
+def test_a_study_needs_both_shortcuts_and_two_depths(runs_dir, tmp_path):
+    runs, _ = report.collect(runs_dir[0])
+    assert report.depth_studies(report.group(runs)) == []  # Table 3 sweeps: no study
+    fake_run(tmp_path / "a", degradation_config(8, "plain"), 0, 10.0)
+    fake_run(tmp_path / "b", degradation_config(20, "plain"), 0, 12.0)
+    fake_run(tmp_path / "c", degradation_config(20, "resnet"), 0, 9.0)
+    other = degradation_config(8, "resnet")
+    other["weight_decay"] = 5e-4  # another recipe: not part of the study
+    fake_run(tmp_path / "d", other, 0, 9.0)
+    studies = report.depth_studies(report.group(report.collect(tmp_path)[0]))
+    assert [(s.label, sorted(s.cells)) for s in studies] == [
+        ("", [(8, False), (20, False), (20, True)])
+    ]
+    assert not (
+        report.write_report(tmp_path, tmp_path / "out", plots=False).keys()
+        - {"report.md", "table.csv", "settings.csv", "runs.csv", "depth_study.csv"}
+    )

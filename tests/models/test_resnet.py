@@ -205,3 +205,112 @@ def test_fig3_forms_are_equivalent(form, cardinality, base_width, tiny_batch):
     expected = fig3.grouped_to_form({"params": variables["params"], **s_c}, form)["batch_stats"]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), s_o["batch_stats"],
                  expected)  # fmt: skip
+
+
+def _module_calls(model, variables, x, substitute=None, **kwargs):
+    """(the model's output, {module path: (input, output)} of every block and layer call);
+    `substitute` {block name: array} feeds a block that array in place of its input."""
+    import flax.linen as nn
+
+    calls = {}
+
+    def record(next_fun, args, kwargs, context):
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        if substitute and context.module.name in substitute:
+            args = (substitute[context.module.name], *args[1:])
+        out = next_fun(*args, **kwargs)
+        calls[context.module.path] = (args[0], out)
+        return out
+
+    with nn.intercept_methods(record):
+        out = model.apply(variables, x, **kwargs)
+    return out, calls
+
+
+def test_a_lesioned_block_keeps_only_its_shortcut(tiny_batch):
+    """Veit et al.'s lesion: identity blocks pass their input on exactly, projection blocks
+    output relu(proj_bn(proj_conv(x))), with the same variables as the whole model."""
+    model = build_model("_tiny_basic")
+    variables = init(model, tiny_batch)
+    whole, whole_calls = _module_calls(model, variables, tiny_batch)
+    x, y = whole_calls[("stage1_block0",)]
+    assert not np.array_equal(x, y)  # the branch does change the activations
+    for name in ("stage1_block0", "stage2_block0"):
+        lesioned = model.clone(lesioned=(name,))
+        assert jax.tree.map(jnp.shape, init(lesioned, tiny_batch)) == jax.tree.map(
+            jnp.shape, variables
+        )
+        out, calls = _module_calls(lesioned, variables, tiny_batch)
+        assert not np.allclose(out, whole)
+        x, y = calls[(name,)]
+        if name == "stage1_block0":
+            np.testing.assert_array_equal(y, x)
+        else:
+            projection = calls[(name, "proj_bn")][1]
+            np.testing.assert_array_equal(y, jax.nn.relu(projection))
+    with pytest.raises(ValueError, match=r"lesioned blocks \['stage3_block0'\] are not among"):
+        model.clone(lesioned=("stage3_block0",)).apply(variables, tiny_batch)
+
+
+def test_a_lesioned_plain_block_is_the_identity_where_shapes_allow(tiny_batch):
+    from resnext_jax.models.resnet import block_specs
+
+    model = build_model("_tiny_basic", shortcut=False)
+    variables = init(model, tiny_batch)
+    specs = block_specs(model)
+    assert [(s.name, s.removable, s.changes_shape) for s in specs] == [
+        ("stage1_block0", True, False),
+        ("stage2_block0", False, True),
+    ]
+    _, calls = _module_calls(model.clone(lesioned=("stage1_block0",)), variables, tiny_batch)
+    x, y = calls[("stage1_block0",)]
+    np.testing.assert_array_equal(y, x)
+    with pytest.raises(ValueError, match="cannot be replaced by the identity"):
+        model.clone(lesioned=("stage2_block0",)).apply(variables, tiny_batch)
+    residual = block_specs(build_model("_tiny_basic"))
+    assert [s.removable for s in residual] == [True, True]
+
+
+def test_block_input_perturbations_give_the_gradient_at_each_block_input(tiny_batch):
+    """`init` and plain `apply` are unchanged; the gradient of a zero perturbation at a block's
+    input equals jax.grad of the loss through that block's input fed in from outside."""
+    from resnext_jax.models import inspector
+
+    model = build_model("_tiny_resnext")
+    variables = init(model, tiny_batch)
+    assert set(variables) == {"params", "batch_stats"}
+    labels = jnp.arange(4) % 10
+    zeros = jax.tree.map(
+        jnp.zeros_like,
+        model.apply(variables, tiny_batch, train=True,
+                    mutable=["perturbations", "batch_stats"])[1]["perturbations"],
+    )  # fmt: skip
+    assert set(zeros) == {"stage1_block0_input", "stage2_block0_input"}
+    plain = model.apply(variables, tiny_batch)
+    np.testing.assert_array_equal(model.apply({**variables, "perturbations": zeros}, tiny_batch),
+                                  plain)  # fmt: skip
+    assert inspector.param_count(model, tiny_batch.shape) == sum(
+        p.size for p in jax.tree.leaves(variables["params"])
+    )
+
+    def loss(logits):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    def via_perturbation(p):
+        v = {**variables, "perturbations": p}
+        return loss(model.apply(v, tiny_batch, train=True, mutable=["batch_stats"])[0])
+
+    grads = jax.grad(via_perturbation)(zeros)
+    _, calls = _module_calls(model, variables, tiny_batch, train=True, mutable=["batch_stats"])
+    for name in ("stage1_block0", "stage2_block0"):
+        x = calls[(name,)][0]
+
+        def via_input(x, name=name):
+            out, _ = _module_calls(model, variables, tiny_batch, {name: x}, train=True,
+                                   mutable=["batch_stats"])  # fmt: skip
+            return loss(out[0])
+
+        expected = jax.grad(via_input)(x)
+        assert float(jnp.abs(expected).max()) > 0
+        np.testing.assert_allclose(grads[f"{name}_input"], expected, rtol=1e-5, atol=1e-7)

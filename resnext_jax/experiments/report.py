@@ -478,11 +478,9 @@ def plot_table(dataset, table, out_dir) -> list[tuple[str, str]]:
     axes = [ax] if paper_ax is ax else [ax, paper_ax]
     handles = [h for a in axes for h in a.get_legend_handles_labels()[0]]
     ax.legend(handles=handles, loc="best", fontsize="small")
-    fig.tight_layout()
-    name = f"top1_vs_cardinality_{slug}.png"
-    fig.savefig(pathlib.Path(out_dir) / name, dpi=100)
-    plt.close(fig)
-    written.append(("top-1 error vs cardinality", name))
+    _save_figure(
+        fig, out_dir, f"top1_vs_cardinality_{slug}.png", "top-1 error vs cardinality", written
+    )
 
     fig, axes = plt.subplots(1, len(rows), figsize=(max(7.0, 5.2 * len(rows)), 4.2), squeeze=False,
                              sharey=True)  # fmt: skip
@@ -499,11 +497,7 @@ def plot_table(dataset, table, out_dir) -> list[tuple[str, str]]:
         ax.legend(fontsize="small")
     axes[0][0].set_ylabel("top-1 error (%): dashed train, solid eval")
     fig.suptitle(f"{dataset}: top-1 error during training, mean over seeds (cf. Fig. 5)")
-    fig.tight_layout()
-    name = f"curves_{slug}.png"
-    fig.savefig(pathlib.Path(out_dir) / name, dpi=100)
-    plt.close(fig)
-    written.append(("train and eval top-1 error vs epoch", name))
+    _save_figure(fig, out_dir, f"curves_{slug}.png", "train and eval top-1 error vs epoch", written)
     return written
 
 
@@ -653,11 +647,13 @@ def plot_study(study: DepthStudy, out_dir) -> list[tuple[str, str]]:
         ax.set_title(f"{split} error" + (" (running, last epoch)" if split == "train" else ""))
         ax.legend(fontsize="small")
     fig.suptitle(f"{study.dataset}: error vs depth, mean over seeds (points: seeds)")
-    fig.tight_layout()
-    name = f"error_vs_depth_{study.slug}.png"
-    fig.savefig(pathlib.Path(out_dir) / name, dpi=100)
-    plt.close(fig)
-    written.append(("train and test top-1 error vs depth, plain and residual", name))
+    _save_figure(
+        fig,
+        out_dir,
+        f"error_vs_depth_{study.slug}.png",
+        "train and test top-1 error vs depth, plain and residual",
+        written,
+    )
 
     fig, axes = plt.subplots(1, 2, figsize=(10.4, 4.2), sharey=True)
     for ax, shortcut in zip(axes, (False, True), strict=True):
@@ -674,12 +670,24 @@ def plot_study(study: DepthStudy, out_dir) -> list[tuple[str, str]]:
         ax.legend(fontsize="small")
     axes[0].set_ylabel("top-1 error (%): dashed train, bold test")
     fig.suptitle(f"{study.dataset}: training curves, mean over seeds (cf. He et al. Fig. 6)")
+    _save_figure(
+        fig,
+        out_dir,
+        f"curves_by_depth_{study.slug}.png",
+        "train (dashed) and test (bold) top-1 error vs epoch, by depth",
+        written,
+    )
+    return written
+
+
+def _save_figure(fig, out_dir, name, title, written):
+    """Lay out and write `fig` as out_dir/name, close it, and list it as (title, name)."""
+    from matplotlib import pyplot as plt
+
     fig.tight_layout()
-    name = f"curves_by_depth_{study.slug}.png"
     fig.savefig(pathlib.Path(out_dir) / name, dpi=100)
     plt.close(fig)
-    written.append(("train (dashed) and test (bold) top-1 error vs epoch, by depth", name))
-    return written
+    written.append((title, name))
 
 
 def write_report(root, out_dir, plots=True) -> dict[str, pathlib.Path]:

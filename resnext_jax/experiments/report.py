@@ -277,15 +277,19 @@ def markdown(root, tables, runs, not_started, plots, studies=()) -> str:
     for dataset, table in tables.items():
         rows, columns, cells = layout(table)
         header_paper, note = PAPER_COLUMNS[paper_kind(dataset)]
+        # ResNeXt-50's figures stand beside another dataset's only as a trend across C x d
+        # settings; with one setting (a depth study, say) there is no trend to show.
+        paper = paper_kind(dataset) != "other" or len(columns) > 1
         header = ["depth"]
         for c in columns:
-            header += [c, header_paper]
+            header += [c, header_paper] if paper else [c]
         body = []
         for row in rows:
             line = [_row_label(row)]
             for c in columns:
                 s = cells.get((row, c))
-                line += [error_cell(s), _paper_cell(s.paper_top1()) if s else ""]
+                line += [error_cell(s)]
+                line += [_paper_cell(s.paper_top1()) if s else ""] if paper else []
             body.append(line)
         complexity = [[_row_label(row)] + [complexity_cell(cells.get((row, c))) for c in columns]
                       for row in rows]  # fmt: skip
@@ -297,7 +301,9 @@ def markdown(root, tables, runs, not_started, plots, studies=()) -> str:
             "",
             _md_table(header, body),
             "",
-            f"{header_paper}: {note.format(dataset=dataset)}; '-' where the paper has none.",
+            f"{header_paper}: {note.format(dataset=dataset)}; '-' where the paper has none."
+            if paper
+            else "",
             "",
             "### Parameters / multiply-adds per image",
             "",

@@ -242,6 +242,8 @@ def test_depth_study_table_and_csv(depth_study):
         "| 20 | 17.00 ± 1.41 (n=2) | 15.00 ± 1.41 (n=2) | 9.00 (n=1) "
         "| 7.00 (n=1, +1 unfinished) |\n"
     ) in md
+    # One C x d setting: no trend across settings to set ResNeXt-50's figures beside.
+    assert "| depth | 1x64d |\n" in md and "IN-50" not in md
     rows = read_csv(out / "depth_study.csv")
     assert [(r["depth"], r["net"], r["n"], r["unfinished"]) for r in rows] == [
         ("8", "plain", "2", "0"), ("8", "residual", "2", "0"),

@@ -25,6 +25,7 @@ import ml_collections
 import optax
 
 from resnext_jax.data import sources
+from resnext_jax.experiments import report
 from resnext_jax.models import inspector, variants
 from resnext_jax.models.resnet import block_specs
 from resnext_jax.ops import conv as conv_ops
@@ -234,18 +235,9 @@ def write_outputs(out_dir, name, payload, rows, columns) -> dict[str, pathlib.Pa
     return paths
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    return plt
-
-
 def plot_lesion(result, path) -> pathlib.Path:
     """Top-1 error against the removed block, the unlesioned error as a line."""
-    plt = _pyplot()
+    plt = report.pyplot()
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(max(6.4, 0.35 * len(rows)), 4.4))
     ax.axhline(result["unlesioned"]["top1_error"], color="gray", ls="--", label="no block removed")
@@ -265,16 +257,13 @@ def plot_lesion(result, path) -> pathlib.Path:
     kind = "residual" if result["shortcut"] else "plain (shaded: not removable)"
     ax.set_title(f"{result['model']} ({kind}), step {result['step']}: lesion study")
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return pathlib.Path(path)
+    return report.save_figure(fig, path)
 
 
 def plot_gradients(result, path) -> pathlib.Path:
     """Gradient norms against block index, log y: residual solid, plain dashed, a color per
     checkpoint step; block inputs on the left, block parameters on the right."""
-    plt, rows = _pyplot(), result["rows"]
+    plt, rows = report.pyplot(), result["rows"]
     stepnums = sorted({r["step"] for r in rows})
     cmap = plt.get_cmap("viridis")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
@@ -291,10 +280,7 @@ def plot_gradients(result, path) -> pathlib.Path:
         ax.set_ylabel(f"L2 norm of {what}")
     axes[1].legend(fontsize="x-small")
     fig.suptitle("gradient norms by depth: residual solid, plain dashed")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return pathlib.Path(path)
+    return report.save_figure(fig, path)
 
 
 def _groups(rows) -> dict:
@@ -306,7 +292,7 @@ def _groups(rows) -> dict:
 
 def plot_convs(result, path) -> pathlib.Path:
     """Parameters, multiply-adds and fwd+bwd time of each form, as bars."""
-    plt, rows = _pyplot(), result["rows"]
+    plt, rows = report.pyplot(), result["rows"]
     forms = list(dict.fromkeys(r["form"] for r in rows))
     first = {f: next(r for r in rows if r["form"] == f) for f in forms}
     timed = [r for r in rows if r["fwd_bwd_ms"] is not None]
@@ -323,7 +309,4 @@ def plot_convs(result, path) -> pathlib.Path:
                       rotation=90, fontsize="x-small")  # fmt: skip
         ax.set_ylabel(f"fwd+bwd ms on {jax.default_backend()} (median)")
     fig.suptitle("one conv layer: dense, grouped, depthwise, depthwise-separable")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return pathlib.Path(path)
+    return report.save_figure(fig, path)

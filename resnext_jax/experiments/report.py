@@ -432,10 +432,7 @@ def curves(setting: Setting, split: str) -> tuple[list, list]:
 
 def plot_table(dataset, table, out_dir) -> list[tuple[str, str]]:
     """Top-1 error vs cardinality and Fig. 5-style error curves: [(title, file name)]."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    plt = pyplot()
 
     rows, columns, cells = layout(table)
     if not any(s.runs for s in table):
@@ -622,10 +619,7 @@ def study_csv(studies) -> str:
 
 def plot_study(study: DepthStudy, out_dir) -> list[tuple[str, str]]:
     """Train and test error vs depth, and Fig. 6's curves: [(title, file name)]."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    plt = pyplot()
 
     if not any(s.runs for s in study.cells.values()):
         return []
@@ -686,13 +680,27 @@ def plot_study(study: DepthStudy, out_dir) -> list[tuple[str, str]]:
     return written
 
 
-def _save_figure(fig, out_dir, name, title, written):
-    """Lay out and write `fig` as out_dir/name, close it, and list it as (title, name)."""
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: files only, no display needed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path) -> pathlib.Path:
+    """Lay out `fig`, write it to `path` and close it; the path."""
     fig.tight_layout()
-    fig.savefig(pathlib.Path(out_dir) / name, dpi=100)
-    plt.close(fig)
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+    return pathlib.Path(path)
+
+
+def _save_figure(fig, out_dir, name, title, written):
+    """Write `fig` as out_dir/name and list it as (title, name)."""
+    save_figure(fig, pathlib.Path(out_dir) / name)
     written.append((title, name))
 
 

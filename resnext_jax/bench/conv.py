@@ -79,8 +79,21 @@ RESNET50_1X1 = (
     "16x7x7x512:k1:o2048",
     "16x7x7x2048:k1:o512",
 )
+# The other dense convs of ResNet-50 at batch 16, 224 px: the 7x7 stem, then each stage's 3x3
+# (the stride-2 one is the first block's of stages 2-4).
+RESNET50_KXK = (
+    "16x224x224x3:k7:s2:o64",
+    "16x56x56x64",
+    "16x56x56x128:s2",
+    "16x28x28x128",
+    "16x28x28x256:s2",
+    "16x14x14x256",
+    "16x14x14x512:s2",
+    "16x7x7x512",
+)
 SHAPE_SETS = {
     "resnext50": RESNEXT50,
+    "resnet50_kxk": RESNET50_KXK,
     "table3": TABLE3,
     "small": SMALL,
     "resnet50_1x1": RESNET50_1X1,

@@ -558,6 +558,7 @@ class JaxBench(_Bench):
         tx = self.optim.create_optimizer(config, steps_per_epoch=1)
         state = steps.create_train_state(run, tx, jax.random.key(config.seed))
         batch = run.global_batch(next(run.source.train_batches(config.batch_size, config.seed)))
+        self.gate = runtime.StepGate()  # steps dispatched as the trainer does
         if self.opts.mode == "train":
             self.fn = steps.make_train_step(run)
             self.args = [state, batch]
@@ -592,12 +593,14 @@ class JaxBench(_Bench):
     def run(self, steps):
         start = time.perf_counter()
         if self.opts.mode == "train":
-            for _ in range(steps):  # dispatched back to back, as the trainer does
+            for _ in range(steps):  # dispatched as the trainer does
+                self.gate.wait(self.args[0])
                 self.args[0], _ = self.step(*self.args)
             self.jax.block_until_ready(self.args[0])
         else:
             out = None
             for _ in range(steps):
+                self.gate.wait(out)
                 out = self.step(*self.args)
             self.jax.block_until_ready(out)
         return time.perf_counter() - start

@@ -12,13 +12,20 @@ set again as new zeroed pages; tcmalloc keeps freed pages and reuses them.
 dots and reductions to by default and which ran far slower inside a whole training step
 than alone. `RESNEXT_JAX_YNN=1` keeps XLA's default.
 
+`steps_in_flight()` is how many training steps the trainer and the benchmark let run ahead of
+the host: one on CPU, where XLA allocates a step's buffers when the step is dispatched, so a
+step queued behind another holds a second set of them while it waits.
+
 docs/benchmarks.md ("The whole training step on XLA CPU: dense 1x1 convs and the allocator",
-"XLA CPU's YNNPACK fusions") has the measurements behind both rules.
+"XLA CPU's YNNPACK fusions", "CPU training beside torchvision") has the measurements behind
+these rules.
 """
 
+import ctypes
 import functools
 import os
 import sys
+import time
 
 LIBRARY = "libtcmalloc_minimal.so.4"
 SEARCH_PATH = (
@@ -90,3 +97,71 @@ def compiler_options() -> dict:
 def xla_cpu_fusions() -> str:
     """Which fusions XLA CPU compiles with here, in words (for benchmark headers)."""
     return "XLA CPU without YNNPACK fusions" if compiler_options() else "XLA's default fusions"
+
+
+def steps_in_flight(platform: str | None = None) -> int:
+    """Training steps dispatched ahead of the host: 1 on CPU, 2 on accelerators.
+
+    XLA's CPU runtime allocates a step's temporary buffers when it is dispatched; a second step
+    queued behind a running one would hold its own set while it waits, nearly doubling the
+    resident memory of a step. A CPU step is long next to the host's dispatch of the next one,
+    so waiting for it first costs nothing measurable there. Accelerators keep two queued so
+    their queue never runs dry.
+    """
+    import jax
+
+    return 1 if (platform or jax.default_backend()) == "cpu" else 2
+
+
+def _tcmalloc_allocated():
+    """A function returning the bytes tcmalloc has handed out, or None without tcmalloc."""
+    try:
+        get = ctypes.CDLL(None).MallocExtension_GetNumericProperty
+    except (OSError, AttributeError):  # not preloaded
+        return None
+    get.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_size_t)]
+    value = ctypes.c_size_t()
+
+    def allocated() -> int:
+        get(b"generic.current_allocated_bytes", ctypes.byref(value))
+        return value.value
+
+    return allocated
+
+
+class StepGate:
+    """Dispatch steps (training or evaluation) one at a time on CPU, each after the last one's
+    buffers are freed.
+
+    `wait(outputs)` before dispatching a step blocks until the previous step's outputs exist
+    (steps_in_flight; None before the first step). On CPU it then also waits, under tcmalloc,
+    for that step's temporary buffers to be freed: XLA marks the outputs ready a moment before
+    it frees them, and a step dispatched in that moment finds its predecessor's block still
+    taken, so tcmalloc maps a second one. Both then stay resident, doubling the step's memory
+    for the rest of the run (docs/benchmarks.md, "CPU training beside torchvision"). The wait
+    ends once the bytes tcmalloc has handed out fall back toward where they were when the
+    previous step was dispatched, or after `patience` seconds; it is skipped when they grew by
+    less than `threshold` bytes (a small step, or one whose buffers were already freed).
+    """
+
+    def __init__(self, platform=None, threshold=256 << 20, patience=0.02):
+        self.one_at_a_time = steps_in_flight(platform) == 1
+        self.allocated = _tcmalloc_allocated() if self.one_at_a_time else None
+        self.threshold, self.patience = threshold, patience
+        self.before = None  # bytes handed out when the previous step was dispatched
+
+    def wait(self, outputs) -> None:
+        if not self.one_at_a_time:
+            return
+        import jax
+
+        jax.block_until_ready(outputs)
+        if self.allocated is None:
+            return
+        grown = self.allocated() - self.before if self.before is not None else 0
+        if grown > self.threshold:
+            target = self.before + grown // 2
+            deadline = time.monotonic() + self.patience
+            while self.allocated() > target and time.monotonic() < deadline:
+                time.sleep(1e-4)
+        self.before = self.allocated()

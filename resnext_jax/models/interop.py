@@ -95,11 +95,26 @@ def _torch_module(path: tuple[str, ...]) -> str:
     return ".".join(parts)
 
 
+def _torchvision_order(calls):
+    """Layers in call order, except that a block's projection shortcut comes after the block's
+    last batch norm, where torchvision registers its `downsample` (ours runs first: that norm
+    adds the shortcut)."""
+    ordered, held = [], []
+    for path, kind in calls:
+        if path[-1] in ("proj_conv", "proj_bn"):
+            held.append((path, kind))
+            continue
+        if held and path[:-1] != held[0][0][:-1]:
+            ordered, held = ordered + held, []
+        ordered.append((path, kind))
+    return ordered + held
+
+
 def _entries(config) -> list[_Entry]:
     """Every tensor of the model, in the order of torchvision's state_dict."""
     model = variants.build_model(config)
     calls, shapes = inspector.layers(model, (1, 32, 32, config.input_channels))
-    order = [(layer.path, type(layer.module)) for layer in calls]
+    order = _torchvision_order([(layer.path, type(layer.module)) for layer in calls])
     shapes = {c: traverse_util.flatten_dict(shapes.get(c, {})) for c in _COLLECTIONS}
     entries = []
     for path, kind in order:

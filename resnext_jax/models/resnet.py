@@ -21,7 +21,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
 
-from resnext_jax.ops.conv import Conv
+from resnext_jax.ops import onednn
+from resnext_jax.ops.activation import relu
+from resnext_jax.ops.conv import Conv, onednn_on_this_backend, uses_onednn
 
 ModuleDef = Any
 
@@ -41,6 +43,11 @@ class BatchNorm(nn.Module):
     group as large as the whole global batch (`group_size` 0 or at least the batch) averages
     its moments over the devices. The running averages are averaged over the devices, which
     keeps them replicated and equal to those of one device holding the whole batch.
+
+    `impl`: "auto" computes a training-mode float32 batch norm over one group per device with
+    oneDNN's batch-norm primitives (resnext_jax.ops.onednn.batch_norm, `onednn_batch_norm_pays`)
+    where the `onednn` conv impl can run; anything else, and "xla", computes it in jax.numpy.
+    `relu` applies a ReLU to the output; `add` (at call time) adds a tensor before it.
     """
 
     use_running_average: bool = False
@@ -50,9 +57,14 @@ class BatchNorm(nn.Module):
     axis_name: str | None = None
     dtype: Any = jnp.float32
     scale_init: Callable = nn.initializers.ones
+    impl: str = "auto"
+    relu: bool = False  # ReLU the output (oneDNN applies it in the same pass)
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, add=None):
+        """Normalize `x`; with `add` (needs `relu`), relu(normalized + add): a block's end."""
+        if add is not None and not self.relu:
+            raise ValueError("BatchNorm adds a tensor only before its ReLU (relu=True)")
         features = x.shape[-1]
         scale = self.param("scale", self.scale_init, (features,))
         bias = self.param("bias", nn.initializers.zeros, (features,))
@@ -61,7 +73,9 @@ class BatchNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         if self.use_running_average:
             mul = scale * lax.rsqrt(ra_var.value + self.epsilon)
-            return (x32 * mul + (bias - ra_mean.value * mul)).astype(self.dtype)
+            return self._activate(
+                (x32 * mul + (bias - ra_mean.value * mul)).astype(self.dtype), add
+            )
 
         batch = x.shape[0]
         devices = lax.axis_size(self.axis_name) if self.axis_name else 1
@@ -77,6 +91,14 @@ class BatchNorm(nn.Module):
                 "the batch size or model.bn_group_size (a group never spans devices, except "
                 "the whole batch: bn_group_size=0)"
             )
+        float32 = x.dtype == self.dtype == jnp.float32 and (add is None or add.dtype == x.dtype)
+        if self.impl == "auto" and float32 and not across_devices:
+            if onednn_batch_norm_pays(batch // group) and onednn_on_this_backend():
+                y, mean, var = onednn.batch_norm(
+                    x, scale, bias, batch // group, self.epsilon, relu=self.relu, add=add
+                )
+                self._update_averages(ra_mean, ra_var, mean, var, across_devices)
+                return y
         xg = x32.reshape(batch // group, -1, features)
         mean = jnp.mean(xg, axis=1, keepdims=True)
         mean_square = jnp.mean(jnp.square(xg), axis=1, keepdims=True)
@@ -84,16 +106,45 @@ class BatchNorm(nn.Module):
             mean, mean_square = lax.pmean((mean, mean_square), self.axis_name)
         # One pass over the activations (E[x^2] - E[x]^2), as flax does; clipped at 0.
         var = jnp.maximum(mean_square - jnp.square(mean), 0)
-        if not self.is_initializing():
-            batch_mean, batch_var = jnp.mean(mean, axis=(0, 1)), jnp.mean(var, axis=(0, 1))
-            if self.axis_name and not across_devices:
-                batch_mean, batch_var = lax.pmean((batch_mean, batch_var), self.axis_name)
-            m = self.momentum
-            ra_mean.value = m * ra_mean.value + (1 - m) * batch_mean
-            ra_var.value = m * ra_var.value + (1 - m) * batch_var
+        self._update_averages(ra_mean, ra_var, mean[:, 0], var[:, 0], across_devices)
         mul = scale * lax.rsqrt(var + self.epsilon)
         y = xg * mul + (bias - mean * mul)
-        return y.reshape(x.shape).astype(self.dtype)
+        return self._activate(y.reshape(x.shape).astype(self.dtype), add)
+
+    def _activate(self, y, add):
+        if add is not None:
+            y = y + add
+        return relu(y) if self.relu else y
+
+    def _update_averages(self, ra_mean, ra_var, mean, var, across_devices):
+        """Move the running averages toward the groups' mean moments ((groups, features))."""
+        if self.is_initializing():
+            return
+        batch_mean, batch_var = jnp.mean(mean, axis=0), jnp.mean(var, axis=0)
+        if self.axis_name and not across_devices:
+            batch_mean, batch_var = lax.pmean((batch_mean, batch_var), self.axis_name)
+        m = self.momentum
+        ra_mean.value = m * ra_mean.value + (1 - m) * batch_mean
+        ra_var.value = m * ra_var.value + (1 - m) * batch_var
+
+
+def onednn_batch_norm_pays(groups: int) -> bool:
+    """Whether oneDNN's batch norm beats XLA's for a device batch split into `groups` groups.
+
+    One group: oneDNN, 2-7x faster in scripts/bench_norm.py's table (docs/benchmarks.md); XLA's
+    reduction over a whole batch is slow. Several groups: XLA's reduction over (groups, images
+    x positions, channels) is fast, and oneDNN's one call per group lost at every such shape.
+    """
+    return groups == 1
+
+
+def max_pool(x, window, strides, padding, dtype, onednn_ok=True):
+    """The stem's max pool: oneDNN's on CPU in float32 where it is built (`onednn_ok`: the
+    model's conv_impl allows it), flax's otherwise. Padding never wins in either."""
+    if onednn_ok and x.dtype == dtype == jnp.float32 and onednn_on_this_backend():
+        return onednn.max_pool(x, window, strides, padding)
+    pads = ((padding, padding), (padding, padding))
+    return nn.max_pool(x, (window, window), strides=(strides, strides), padding=pads)
 
 
 def group_width(planes: int, base_width: int) -> int:
@@ -115,10 +166,12 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        y = nn.relu(self.norm(name="bn1")(self.conv(self.planes, 3, self.strides, name="conv1")(x)))
+        y = self.norm(name="bn1", relu=True)(
+            self.conv(self.planes, 3, self.strides, name="conv1")(x)
+        )
         y = self.conv(self.planes, 3, name="conv2")(y)
-        y = self.norm(scale_init=_last_bn_init(self.zero_init_last_bn), name="bn2")(y)
-        return _add_shortcut(self, x, y)
+        last_norm = partial(self.norm, scale_init=_last_bn_init(self.zero_init_last_bn), name="bn2")
+        return _add_shortcut(self, x, y, last_norm)
 
 
 class Bottleneck(nn.Module):
@@ -147,9 +200,9 @@ class Bottleneck(nn.Module):
         out_features = self.planes * self.expansion
         if self.form == "grouped":
             width = d * self.cardinality
-            y = nn.relu(self.norm(name="bn1")(self.conv(width, 1, name="conv1")(x)))
+            y = self.norm(name="bn1", relu=True)(self.conv(width, 1, name="conv1")(x))
             y = self.conv(width, 3, self.strides, groups=self.cardinality, name="conv2")(y)
-            y = self.conv(out_features, 1, name="conv3")(nn.relu(self.norm(name="bn2")(y)))
+            y = self.conv(out_features, 1, name="conv3")(self.norm(name="bn2", relu=True)(y))
         elif self.form == "concat":
             y = jnp.concatenate(
                 [self._path(x, d, name=f"path{i}") for i in range(self.cardinality)], axis=-1
@@ -162,8 +215,8 @@ class Bottleneck(nn.Module):
             )
         else:
             raise ValueError(f"unknown block form {self.form!r}; choose one of {BLOCK_FORMS}")
-        y = self.norm(scale_init=_last_bn_init(self.zero_init_last_bn), name="bn3")(y)
-        return _add_shortcut(self, x, y)
+        last_norm = partial(self.norm, scale_init=_last_bn_init(self.zero_init_last_bn), name="bn3")
+        return _add_shortcut(self, x, y, last_norm)
 
     def _path(self, x, d, name, out_features=0):
         return _Path(d, self.strides, self.conv, self.norm, out_features, name=name)(x)
@@ -180,9 +233,9 @@ class _Path(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        y = nn.relu(self.norm(name="bn1")(self.conv(self.width, 1, name="conv1")(x)))
+        y = self.norm(name="bn1", relu=True)(self.conv(self.width, 1, name="conv1")(x))
         y = self.conv(self.width, 3, self.strides, name="conv2")(y)
-        y = nn.relu(self.norm(name="bn2")(y))
+        y = self.norm(name="bn2", relu=True)(y)
         return self.conv(self.out_features, 1, name="conv3")(y) if self.out_features else y
 
 
@@ -190,17 +243,20 @@ def _last_bn_init(zero_init: bool) -> Callable:
     return nn.initializers.zeros if zero_init else nn.initializers.ones
 
 
-def _add_shortcut(block, x, y):
-    """ReLU after the residual add; a type-B projection only where the shape changes.
+def _add_shortcut(block, x, y, last_norm):
+    """The last batch norm, the shortcut, the residual add and the ReLU after it.
 
-    A `lesioned` block drops its residual branch `y` (its parameters stay, unused): the
-    identity passes `x` on unchanged (x is post-ReLU), a projection block outputs its
-    projection alone, and a plain block (no shortcut) becomes the identity where the shapes
+    `y` is the residual branch before its last batch norm, `last_norm` that norm's module
+    (partial), which also adds the shortcut and applies the ReLU. A type-B projection only
+    where the shape changes. A `lesioned` block drops its residual branch (its parameters stay,
+    unused): the identity passes `x` on unchanged (x is post-ReLU), a projection block outputs
+    its projection alone, and a plain block (no shortcut) becomes the identity where the shapes
     allow it (`BlockSpec.removable`).
     """
     if not block.shortcut:  # Section 5.1's ablation: no identity and no projection paths.
         if not block.lesioned:
-            return nn.relu(y)
+            return last_norm(relu=True)(y)
+        last_norm()(y)  # its parameters exist, as in the intact block
         if x.shape != y.shape:
             raise ValueError(
                 f"{block.name}: a plain block that changes the shape from {x.shape} to "
@@ -209,10 +265,14 @@ def _add_shortcut(block, x, y):
         return x
     out_features = block.planes * block.expansion
     if x.shape[-1] == out_features and block.strides == 1:
-        return x if block.lesioned else nn.relu(y + x)
-    residual = block.conv(out_features, 1, block.strides, name="proj_conv")(x)
-    residual = block.norm(name="proj_bn")(residual)
-    return nn.relu(residual if block.lesioned else y + residual)
+        residual = x
+    else:
+        residual = block.conv(out_features, 1, block.strides, name="proj_conv")(x)
+        residual = block.norm(name="proj_bn")(residual)
+    if block.lesioned:
+        last_norm()(y)
+        return x if residual is x else relu(residual)
+    return last_norm(relu=True)(y, add=residual)
 
 
 class BlockSpec(NamedTuple):
@@ -289,13 +349,14 @@ class ResNet(nn.Module):
             group_size=self.bn_group_size,
             axis_name=self.axis_name,
             dtype=self.dtype,
+            impl="auto" if uses_onednn(self.conv_impl) else "xla",
         )
         if self.stem == "imagenet":  # 7x7/2 conv, BN, ReLU, 3x3/2 max pool
-            x = nn.relu(norm(name="stem_bn")(conv(self.stem_width, 7, 2, name="stem_conv")(x)))
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            x = norm(name="stem_bn", relu=True)(conv(self.stem_width, 7, 2, name="stem_conv")(x))
+            x = max_pool(x, 3, 2, 1, self.dtype, onednn_ok=uses_onednn(self.conv_impl))
         elif self.stem == "cifar":  # 3x3 conv (stride `stem_strides`), BN, ReLU, no pooling
             x = conv(self.stem_width, 3, self.stem_strides, name="stem_conv")(x)
-            x = nn.relu(norm(name="stem_bn")(x))
+            x = norm(name="stem_bn", relu=True)(x)
         else:
             raise ValueError(f"unknown stem {self.stem!r}; choose 'imagenet' or 'cifar'")
 

@@ -62,6 +62,11 @@ def onednn_usable() -> bool:
     return onednn.available()
 
 
+def onednn_on_this_backend() -> bool:
+    """Whether oneDNN's kernels run here: on CPU, where the `onednn` impl is built."""
+    return jax.default_backend() == "cpu" and onednn_usable()
+
+
 def select_impl(x_shape, kernel_shape, strides, groups, backend=None, use_onednn=None) -> str:
     """The kernel (a key of `KERNELS`) that `auto` runs for this conv on this backend.
 
@@ -78,10 +83,10 @@ def select_impl(x_shape, kernel_shape, strides, groups, backend=None, use_onednn
     kh, kw, group_in, _ = kernel_shape
     if backend != "cpu":
         return "xla"
-    if groups == 1:
-        return "pointwise" if (kh, kw) == (1, 1) else "xla"
     if onednn_usable() if use_onednn is None else use_onednn:
         return "onednn"
+    if groups == 1:
+        return "pointwise" if (kh, kw) == (1, 1) else "xla"
     taps = kh * kw * group_in  # multiply-adds per output of `shift`'s fused loop body
     if group_in <= 8 and taps <= 72:
         return "shift"
@@ -106,6 +111,17 @@ def conv2d(x, kernel, *, strides=1, padding=0, groups=1, impl="auto"):
     if impl not in KERNELS:
         raise ValueError(f"unknown conv impl {impl!r}; choose one of {list(CHOICES)}")
     return KERNELS[impl](x, kernel, strides, padding, groups)
+
+
+def dense_impl(impl: str) -> str:
+    """How an ungrouped conv runs under a model's `conv_impl`: XLA's formulations (`xla_auto`'s
+    picks) under `xla` and `xla_auto`, `auto`'s picks under every other choice."""
+    return "xla_auto" if impl in ("xla", "xla_auto") else "auto"
+
+
+def uses_onednn(impl: str) -> bool:
+    """Whether a model's `conv_impl` lets its other layers (batch norm) run on oneDNN too."""
+    return impl not in ("xla", "xla_auto")
 
 
 class Conv(nn.Module):
@@ -142,5 +158,5 @@ class Conv(nn.Module):
             strides=self.strides,
             padding=k // 2,
             groups=self.groups,
-            impl=self.impl if self.groups > 1 else "auto",
+            impl=self.impl if self.groups > 1 else dense_impl(self.impl),
         )

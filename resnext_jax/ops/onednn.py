@@ -46,15 +46,22 @@ import numpy as np
 
 from resnext_jax.devices import parallel
 
-SOURCE = Path(__file__).with_name("csrc") / "onednn_conv.cc"
+CSRC = Path(__file__).with_name("csrc")
+# The translation units of the one library, and what they include.
+SOURCES = (CSRC / "onednn_conv.cc", CSRC / "onednn_norm.cc", CSRC / "onednn_pool.cc")
+HEADERS = (CSRC / "onednn_common.h",)
 SWITCH = "RESNEXT_JAX_ONEDNN"
 CACHE = "RESNEXT_JAX_CACHE"
 BUILD_TIMEOUT = "RESNEXT_JAX_BUILD_TIMEOUT"  # seconds
 DEFAULT_BUILD_TIMEOUT = 600  # generous: it is there to stop a hung compiler, not a slow one
 TARGETS = {
-    "forward": "ResnextOnednnConvForward",
-    "input_grad": "ResnextOnednnConvInputGrad",
-    "kernel_grad": "ResnextOnednnConvKernelGrad",
+    "conv_forward": "ResnextOnednnConvForward",
+    "conv_input_grad": "ResnextOnednnConvInputGrad",
+    "conv_kernel_grad": "ResnextOnednnConvKernelGrad",
+    "norm_forward": "ResnextOnednnNormForward",
+    "norm_backward": "ResnextOnednnNormBackward",
+    "pool_forward": "ResnextOnednnPoolForward",
+    "pool_backward": "ResnextOnednnPoolBackward",
 }
 FLAGS = ["-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
 # jaxlib's FFI headers trip two harmless GCC warnings; keep a build log readable.
@@ -147,16 +154,20 @@ def _compile(command: list[str], path: Path) -> None:
             done = _run([*command, "-o", str(partial)], timeout)
         except subprocess.TimeoutExpired:
             raise OnednnUnavailable(
-                f"building {SOURCE.name} took over {timeout:g} s and was stopped "
+                f"building {_names()} took over {timeout:g} s and was stopped "
                 f"({shlex.join(command)}); check the compiler, or allow it longer with "
                 f"{BUILD_TIMEOUT}=<seconds>"
             ) from None
         if done.returncode:
             raise OnednnUnavailable(
-                f"building {SOURCE.name} failed ({shlex.join(command)}):\n{done.stderr[-2000:]}"
+                f"building {_names()} failed ({shlex.join(command)}):\n{done.stderr[-2000:]}"
             )
         os.chmod(partial, 0o755)  # whatever the umask: _check_private refuses a writable one
         os.replace(partial, path)
+
+
+def _names() -> str:
+    return " and ".join(source.name for source in SOURCES)
 
 
 def build() -> Path:
@@ -180,26 +191,32 @@ def build() -> Path:
         *compiler,
         *FLAGS,
         *QUIET,
-        str(SOURCE),
+        *map(str, SOURCES),
+        f"-I{CSRC}",
         f"-I{include}",
         f"-I{jax.ffi.include_dir()}",
         f"-L{lib}",
         "-ldnnl",
         f"-Wl,-rpath,{lib.resolve()}",
     ]
-    key = hashlib.sha256(SOURCE.read_bytes())
+    key = hashlib.sha256()
+    for source in (*SOURCES, *HEADERS):
+        key.update(source.read_bytes())
     key.update(" ".join(command).encode())
     key.update((lib / "libdnnl.so").resolve().name.encode())
     key.update(jax.__version__.encode())
     cache = cache_dir()
     cache.mkdir(mode=0o700, parents=True, exist_ok=True)
     _check_private(cache)
-    path = cache / f"onednn_conv-{key.hexdigest()[:16]}.so"
+    path = cache / f"onednn_ops-{key.hexdigest()[:16]}.so"
     if path.exists():
         _check_private(path)
         return path
     _compile(command, path)
     return path
+
+
+_library = None  # the loaded wrapper, once _load() succeeded
 
 
 @functools.cache
@@ -209,10 +226,17 @@ def _load() -> str | None:
         return f"turned off by {SWITCH}=0"
     if not sys.platform.startswith("linux"):
         return f"built only on Linux here, not {sys.platform}"
+    global _library
     try:
         library = ctypes.CDLL(str(build()))
     except (OnednnUnavailable, OSError) as e:
         return str(e)
+    workspace_bytes = library.ResnextOnednnNormWorkspaceBytes
+    workspace_bytes.restype = ctypes.c_int64
+    workspace_bytes.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int64]
+    library.ResnextOnednnPoolWorkspaceBytes.restype = ctypes.c_int64
+    library.ResnextOnednnPoolWorkspaceBytes.argtypes = [ctypes.c_int64] * 7
+    _library = library
     for target, symbol in TARGETS.items():
         capsule = jax.ffi.pycapsule(getattr(library, symbol))
         jax.ffi.register_ffi_target(_name(target), capsule, platform="cpu")
@@ -220,7 +244,7 @@ def _load() -> str | None:
 
 
 def _name(target: str) -> str:
-    return f"resnext_onednn_conv_{target}"
+    return f"resnext_onednn_{target}"
 
 
 def available() -> bool:
@@ -262,15 +286,15 @@ def output_shape(x_shape, kernel_shape, strides, padding):
 
 def forward(x, kernel, strides, padding, groups):
     shape = output_shape(x.shape, kernel.shape, strides, padding)
-    return _call("forward", shape, x, kernel, strides, padding, groups)
+    return _call("conv_forward", shape, x, kernel, strides, padding, groups)
 
 
 def input_grad(dy, kernel, x_shape, strides, padding, groups):
-    return _call("input_grad", x_shape, dy, kernel, strides, padding, groups)
+    return _call("conv_input_grad", x_shape, dy, kernel, strides, padding, groups)
 
 
 def kernel_grad(x, dy, kernel_shape, strides, padding, groups):
-    return _call("kernel_grad", kernel_shape, x, dy, strides, padding, groups)
+    return _call("conv_kernel_grad", kernel_shape, x, dy, strides, padding, groups)
 
 
 if __name__ == "__main__":  # `python -m resnext_jax.ops.onednn`: build now, say where or why not
@@ -305,3 +329,141 @@ def _grouped_conv_bwd(strides, padding, groups, residuals, dy):
 
 
 grouped_conv.defvjp(_grouped_conv_fwd, _grouped_conv_bwd)
+
+
+def _norm_operands(x, *params):
+    require()
+    if any(a.dtype != np.float32 for a in (x, *params)):
+        raise TypeError(f"the onednn batch norm runs float32 only, got {x.dtype}")
+    return x, *(parallel.vary_like(p, x) for p in params)
+
+
+def _typed(like, shape):
+    """An FFI result typed like `like` (varying over its mesh axes), float32, of `shape`."""
+    return jax.typeof(like).update(shape=tuple(shape), dtype=np.dtype(np.float32))
+
+
+# What the forward applies after normalizing (the C++ side's `Mode`).
+PLAIN, RELU, ADD_RELU = 0, 1, 2
+
+
+def _workspace_bytes(x_shape, groups, epsilon, mode) -> int:
+    """Bytes of the workspace the forward writes in `mode` for one group of images."""
+    n, h, w, c = x_shape
+    size = _library.ResnextOnednnNormWorkspaceBytes(n // groups, h, w, c, epsilon, mode)
+    if size < 0:
+        raise OnednnUnavailable(f"oneDNN has no batch norm in mode {mode} for {x_shape}")
+    return size
+
+
+def _norm_forward(x, scale, bias, add, groups, epsilon, relu):
+    mode = ADD_RELU if add is not None else RELU if relu else PLAIN
+    x, scale, bias = _norm_operands(x, scale, bias)
+    if add is None:
+        add = jnp.zeros((0,), np.float32)
+    add = _norm_operands(x, add)[1]
+    stats = _typed(x, (groups, x.shape[-1]))
+    # An output XLA allocates (and frees) with the step's buffers; nothing reads it.
+    size = groups * _workspace_bytes(x.shape, groups, epsilon, mode)
+    workspace = jax.typeof(x).update(shape=(size,), dtype=np.dtype(np.uint8))
+    call = jax.ffi.ffi_call(
+        _name("norm_forward"),
+        (_typed(x, x.shape), stats, stats, workspace),
+        vmap_method="sequential",
+    )
+    y, mean, var, _ = call(x, scale, bias, add, groups=np.int64(groups),
+                           epsilon=np.float32(epsilon), mode=np.int64(mode))  # fmt: skip
+    return y, mean, var
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _batch_norm(x, scale, bias, add, groups, epsilon, relu):
+    return _norm_forward(x, scale, bias, add, groups, epsilon, relu)
+
+
+def _batch_norm_fwd(x, scale, bias, add, groups, epsilon, relu):
+    y, mean, var = _norm_forward(x, scale, bias, add, groups, epsilon, relu)
+    # The statistics are kept as a copy, for the backward only; with the ReLU, the gradient's
+    # mask comes from the output, which the next layer keeps anyway.
+    stats = jnp.stack([mean, var])
+    relu = relu or add is not None
+    added = () if add is not None else None  # a leafless marker: static, unlike a bool
+    return (y, mean, var), (x, scale, stats, y if relu else None, added)
+
+
+def _batch_norm_bwd(groups, epsilon, relu, residuals, cotangents):
+    x, scale, stats, y, added = residuals
+    added = added is not None
+    dy = cotangents[0]  # the statistics' cotangents are zero: batch_norm stops their gradient
+    if y is not None:
+        dy = jnp.where(y > 0, dy, 0)  # jax.nn.relu's gradient: 0 where the input was <= 0
+    x, dy, scale, stats = _norm_operands(x, dy, scale, stats)
+    param = _typed(x, scale.shape)
+    # dx overwrites dy (oneDNN's backward runs in place) unless the addend's gradient needs it.
+    call = jax.ffi.ffi_call(
+        _name("norm_backward"),
+        (_typed(x, x.shape), param, param),
+        vmap_method="sequential",
+        input_output_aliases=None if added else {1: 0},
+    )
+    dx, dscale, dbias = call(x, dy, scale, stats, groups=np.int64(groups),
+                             epsilon=np.float32(epsilon))  # fmt: skip
+    return dx, dscale, dbias, dy if added else None
+
+
+_batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
+def batch_norm(x, scale, bias, groups: int, epsilon: float, relu: bool = False, add=None):
+    """oneDNN's training-mode batch norm of NHWC float32 `x` over `groups` groups of images.
+
+    Returns (y, mean, var): the output, and each group's mean and biased variance as
+    (groups, channels) arrays. With `relu` the output is ReLU'd in the same pass; with `add`
+    (x-shaped) it is relu(batch_norm(x) + add), a residual block's end. The output is
+    differentiable in x, scale, bias and add (oneDNN's backward primitive); the statistics are
+    returned under stop_gradient, for the running averages.
+    """
+    y, mean, var = _batch_norm(x, scale, bias, add, groups, epsilon, bool(relu))
+    return y, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+
+
+def _pool_forward(x, window, strides, padding):
+    require()
+    if x.dtype != np.float32:
+        raise TypeError(f"the onednn max pool runs float32 only, got {x.dtype}")
+    n, h, w, c = x.shape
+    shape = output_shape(x.shape, (window, window, c, c), strides, padding)
+    size = _library.ResnextOnednnPoolWorkspaceBytes(n, h, w, c, window, strides, padding)
+    if size < 0:
+        raise OnednnUnavailable(f"oneDNN has no max pooling for {x.shape}")
+    workspace = jax.typeof(x).update(shape=(size,), dtype=np.dtype(np.uint8))
+    call = jax.ffi.ffi_call(
+        _name("pool_forward"), (_typed(x, shape), workspace), vmap_method="sequential"
+    )
+    return call(x, window=np.int64(window), stride=np.int64(strides), padding=np.int64(padding))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool(x, window: int, strides: int, padding: int):
+    """oneDNN's max pooling of NHWC float32 `x`: square `window`, symmetric `padding` that
+    never wins. Its gradient goes to the maximum oneDNN recorded in each window; where a
+    window holds equal maxima that may be another one than XLA's select-and-scatter picks."""
+    return _pool_forward(x, window, strides, padding)[0]
+
+
+def _max_pool_fwd(x, window, strides, padding):
+    y, workspace = _pool_forward(x, window, strides, padding)
+    # x only for its shape: it is kept anyway (the ReLU before the pool masks its gradient with it).
+    return y, (workspace, x)
+
+
+def _max_pool_bwd(window, strides, padding, residuals, dy):
+    workspace, x = residuals
+    workspace = parallel.vary_like(workspace, dy)
+    call = jax.ffi.ffi_call(_name("pool_backward"), _typed(dy, x.shape), vmap_method="sequential")
+    dx = call(dy, workspace, window=np.int64(window), stride=np.int64(strides),
+              padding=np.int64(padding))  # fmt: skip
+    return (dx,)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

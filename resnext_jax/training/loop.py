@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from resnext_jax.data import base
-from resnext_jax.devices import parallel
+from resnext_jax.devices import parallel, runtime
 from resnext_jax.models import inspector, variants
 from resnext_jax.training import checkpoint, logs, optim, recipe, steps
 from resnext_jax.training.preemption import Preemption
@@ -166,6 +166,7 @@ def _loop(config, run, manager, report, state, meta, plan, clock):
     batches = base.prefetch(run.source.train_batches(config.batch_size, config.seed, start_step))
     window = Window()
     pending = None  # (step, metrics) of the step in flight, checked one step late
+    gate = runtime.StepGate()  # on CPU: one step's buffers at a time
     skipped = 0  # bad examples replaced in this process's rows since meta last counted them
     with Preemption(run.mesh) as preemption:
         if start_step < plan.total_steps and _eval_due(meta, start_step, plan):
@@ -173,6 +174,7 @@ def _loop(config, run, manager, report, state, meta, plan, clock):
         for step in range(start_step + 1, plan.total_steps + 1):
             local = next(batches)
             skipped += int(local.pop("skipped", 0))
+            gate.wait(state)
             state, metrics = train_step(state, run.global_batch(local))
             if pending:  # wait for the previous step only, so the device queue stays full
                 window.add(*pending, manager)

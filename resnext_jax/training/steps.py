@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from resnext_jax.data import base, sources
-from resnext_jax.devices import parallel
+from resnext_jax.devices import parallel, runtime
 from resnext_jax.devices.parallel import DATA_AXIS
 from resnext_jax.models import variants
 
@@ -182,9 +182,11 @@ def evaluate(run: Run, variables, stop=None) -> dict | None:
     """Loss, top-1 and top-5 error (percent) over every eval example exactly once, and the
     number of bad examples the source left out; None if `stop()` turns true on the way."""
     step = make_eval_step(run)
+    gate = runtime.StepGate()  # on CPU: one step's buffers at a time
     sums, skipped = None, 0
     for local in run.source.eval_batches(run.config.eval_batch_size):
         skipped += int(local.pop("skipped", 0))
+        gate.wait(sums)
         out = step(variables, run.global_batch(local))
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
         if stop is not None and stop():

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import pytest
 
 from resnext_jax.devices import runtime
@@ -93,3 +94,23 @@ def test_ynn_switch_keeps_xla_default(monkeypatch):
         assert runtime.xla_cpu_fusions() == "XLA's default fusions"
     finally:
         runtime.compiler_options.cache_clear()
+
+
+def test_steps_in_flight_is_one_on_cpu_only():
+    assert runtime.steps_in_flight("cpu") == 1
+    assert runtime.steps_in_flight("gpu") == runtime.steps_in_flight("tpu") == 2
+
+
+def test_the_step_gate_waits_for_the_previous_steps_buffers():
+    """Under tcmalloc the gate waits until the bytes handed out fall back after a step; here a
+    fake allocator frees the previous step's 1 GB on the third poll."""
+    gate = runtime.StepGate("cpu", threshold=100, patience=5.0)
+    polls = iter([0, 10**9, 10**9, 10**9, 10, 10])
+    gate.allocated = lambda: next(polls)
+    gate.wait(None)  # before the first step: records 0
+    assert gate.before == 0
+    gate.wait(jnp.ones(2))  # the previous step's buffers still held: waits for the drop
+    assert gate.before == 10
+    idle = runtime.StepGate("gpu")
+    assert not idle.one_at_a_time and idle.allocated is None
+    idle.wait(jnp.ones(2))  # nothing to wait for on accelerators

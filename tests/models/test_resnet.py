@@ -9,6 +9,8 @@ import pytest
 from resnext_jax.models import fig3
 from resnext_jax.models.resnet import BatchNorm
 from resnext_jax.models.variants import build_model
+from resnext_jax.ops.activation import relu
+from resnext_jax.ops.conv import onednn_on_this_backend
 from tests.conftest import init
 
 TINY = {
@@ -314,3 +316,49 @@ def test_block_input_perturbations_give_the_gradient_at_each_block_input(tiny_ba
         expected = jax.grad(via_input)(x)
         assert float(jnp.abs(expected).max()) > 0
         np.testing.assert_allclose(grads[f"{name}_input"], expected, rtol=1e-5, atol=1e-7)
+
+
+needs_onednn_cpu = pytest.mark.skipif(
+    not onednn_on_this_backend(), reason="oneDNN's kernels run on CPU where they are built"
+)
+
+
+@needs_onednn_cpu
+@pytest.mark.parametrize(
+    "variant,dtype",
+    [("grouped", "float32"), ("plain", "float32"), ("grouped", "bfloat16"),
+     pytest.param("bottleneck", "float32", marks=pytest.mark.slow),
+     pytest.param("basic", "float32", marks=pytest.mark.slow)],
+)  # fmt: skip
+def test_onednn_layers_match_xla_in_training(variant, dtype, tiny_batch):
+    """`auto` (oneDNN convs and batch norms with their ReLUs and residual adds) against
+    `xla_auto` (XLA alone): logits, loss gradients and the new running statistics, with BN
+    over groups of 2 images."""
+    kwargs = dict(TINY[variant])
+    name = kwargs.pop("name")
+    results = {}
+    runs = [("auto", dtype), ("xla_auto", dtype)] + [("xla_auto", "float32")] * (dtype != "float32")
+    for impl, compute in runs:
+        model = build_model(name, conv_impl=impl, dtype=compute, bn_group_size=2, **kwargs)
+        variables = init(model, tiny_batch)
+        (_, (logits, new)), grads = _loss(model, variables, tiny_batch, jnp.arange(4), True)
+        results[impl, compute] = jax.tree.leaves((logits, grads, new["batch_stats"]))
+    for i, want in enumerate(results["xla_auto", "float32"]):
+        got = results["auto", dtype][i]
+        if dtype == "float32":
+            scale = float(jnp.abs(want).max())
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * scale)
+        else:  # rounding differs between the two: auto's error is no larger than XLA's own
+            error = float(jnp.abs(got - want).max())
+            xla_error = float(jnp.abs(results["xla_auto", dtype][i] - want).max())
+            assert error <= 2 * xla_error + 1e-2 * float(jnp.abs(want).max()), (i, error, xla_error)
+
+
+def test_relu_has_jax_nn_relus_gradient_bit_for_bit():
+    x = jnp.array([-2.0, -0.0, 0.0, 1e-30, 3.0])
+    dy = jnp.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    for f in (relu, jax.nn.relu):
+        np.testing.assert_array_equal(f(x), jnp.maximum(x, 0))
+    ours = jax.vjp(relu, x)[1](dy)[0]
+    theirs = jax.vjp(jax.nn.relu, x)[1](dy)[0]
+    np.testing.assert_array_equal(ours, theirs)

@@ -118,12 +118,15 @@ def test_select_impl_follows_the_measured_rules(
     assert choice in IMPLS
     if backend != "cpu":
         assert choice == "xla"
-    elif use_onednn and groups > 1:
+    elif use_onednn:  # every conv, dense ones too
         assert choice == "onednn"
     else:
         assert choice == on_cpu
     pointwise = select_impl(x_shape, (1, 1, width, width), strides, 1, backend, use_onednn)
-    assert pointwise == ("pointwise" if backend == "cpu" else "xla")
+    if backend != "cpu":
+        assert pointwise == "xla"
+    else:
+        assert pointwise == ("onednn" if use_onednn else "pointwise")
 
 
 def test_auto_picks_onednn_wherever_it_is_built_on_any_device_count(monkeypatch):
@@ -176,6 +179,11 @@ def test_forced_impl_reaches_grouped_convs_only(monkeypatch):
     x = jnp.ones((1, 8, 8, 16))
     for groups in (1, 4):
         Conv(16, 3, groups=groups, impl="shift").init(jax.random.key(0), x)
+    dense = conv.select_impl(x.shape, (3, 3, 16, 16), 1, 1)  # what `auto` picks for it
+    assert calls == [(dense, 1), ("shift", 4)]
+    calls.clear()
+    for groups in (1, 4):  # except xla_auto, which keeps every conv, dense ones too, in XLA
+        Conv(16, 3, groups=groups, impl="xla_auto").init(jax.random.key(0), x)
     assert calls == [("xla", 1), ("shift", 4)]
 
 

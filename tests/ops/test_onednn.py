@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,7 +91,7 @@ def test_a_failed_build_shows_the_compiler_and_leaves_no_library(
 ):
     broken = tmp_path / "broken.cc"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(onednn, "SOURCE", broken)
+    monkeypatch.setattr(onednn, "SOURCES", (broken,))
     with pytest.raises(onednn.OnednnUnavailable, match="building broken.cc failed"):
         onednn.build()
     assert not list(fake_onednn.rglob("*.so"))
@@ -105,7 +106,7 @@ def test_cxx_may_be_a_command_line(tmp_path, monkeypatch):
     assert onednn._compiler() == [shutil.which("env"), "g++"]
     tiny = tmp_path / "tiny.cc"
     tiny.write_text('extern "C" __attribute__((visibility("default"))) int answer() { return 42; }')
-    monkeypatch.setattr(onednn, "SOURCE", tiny)
+    monkeypatch.setattr(onednn, "SOURCES", (tiny,))
     assert ctypes.CDLL(str(onednn.build())).answer() == 42
     monkeypatch.setenv("CXX", "'g++")  # unbalanced quote
     assert onednn._compiler() is None
@@ -189,8 +190,8 @@ def test_build_is_cached_by_content(tmp_path, monkeypatch):
     stamp = path.stat().st_mtime_ns
     assert onednn.build() == path and path.stat().st_mtime_ns == stamp  # not rebuilt
     changed = tmp_path / "changed.cc"
-    changed.write_text(onednn.SOURCE.read_text() + "\n// changed\n")
-    monkeypatch.setattr(onednn, "SOURCE", changed)
+    changed.write_text(onednn.SOURCES[0].read_text() + "\n// changed\n")
+    monkeypatch.setattr(onednn, "SOURCES", (changed, *onednn.SOURCES[1:]))
     assert onednn.build() != path
 
 
@@ -211,7 +212,7 @@ def test_the_switch_turns_it_off(monkeypatch):
 @needs_onednn
 def test_the_custom_calls_check_their_shapes_and_dtype():
     x, kernel = jnp.ones((2, 8, 8, 16)), jnp.ones((3, 3, 4, 16))
-    call = jax.ffi.ffi_call(onednn._name("forward"), jax.ShapeDtypeStruct((2, 7, 8, 16), "f4"))
+    call = jax.ffi.ffi_call(onednn._name("conv_forward"), jax.ShapeDtypeStruct((2, 7, 8, 16), "f4"))
     with pytest.raises(Exception, match="output shape does not match"):
         jax.block_until_ready(
             call(x, kernel, stride=np.int64(1), padding=np.int64(1), groups=np.int64(4))
@@ -228,14 +229,16 @@ def test_an_exception_of_any_type_reaches_python_as_an_error(tmp_path, monkeypat
     """The handlers' guard around a body that throws what is no std::exception: not an abort."""
     harness = tmp_path / "throws.cc"
     harness.write_text(
-        f'#include "{onednn.SOURCE}"\n'
-        "ffi::Error Throws(ffi::ResultBuffer<ffi::F32>) { return Guard([] { throw 42; }); }\n"
+        f'#include "{onednn.SOURCES[0]}"\n'
+        "ffi::Error Throws(ffi::ResultBuffer<ffi::F32>) {\n"
+        '  return resnext_onednn::Guard("onednn conv", [] { throw 42; });\n'
+        "}\n"
         "EXPORT XLA_FFI_Error* ResnextTestThrows(XLA_FFI_CallFrame*);\n"
         "XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnextTestThrows, Throws,\n"
         "                              ffi::Ffi::Bind().Ret<ffi::Buffer<ffi::F32>>());\n"
     )
     monkeypatch.setenv(onednn.CACHE, str(tmp_path / "cache"))
-    monkeypatch.setattr(onednn, "SOURCE", harness)
+    monkeypatch.setattr(onednn, "SOURCES", (harness,))
     script = """
 import ctypes, sys, jax, numpy as np
 handler = jax.ffi.pycapsule(ctypes.CDLL(sys.argv[1]).ResnextTestThrows)
@@ -288,3 +291,84 @@ print(jax.device_count(), conv.select_impl(x.shape, kernel.shape, 1, 4))
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["2", "onednn"]  # per-device steps: auto's pick here too
+
+
+def _xla_batch_norm(x, scale, bias, groups, epsilon, relu=False, add=None):
+    """The jax.numpy batch norm of resnext_jax.models.resnet.BatchNorm, on its own."""
+    xg = x.reshape(groups, -1, x.shape[-1])
+    mean = jnp.mean(xg, axis=1, keepdims=True)
+    var = jnp.maximum(jnp.mean(jnp.square(xg), axis=1, keepdims=True) - jnp.square(mean), 0)
+    mul = scale * jax.lax.rsqrt(var + epsilon)
+    y = (xg * mul + (bias - mean * mul)).reshape(x.shape)
+    if add is not None:
+        y = y + add
+    return (jax.nn.relu(y) if relu else y), mean[:, 0], var[:, 0]
+
+
+@needs_onednn
+@pytest.mark.parametrize("mode", ["plain", "relu", "add_relu"])
+@pytest.mark.parametrize("shape,groups", [((4, 7, 9, 16), 1), ((6, 5, 5, 8), 3), ((8, 1, 1, 4), 2)])
+def test_batch_norm_matches_the_xla_formulation(shape, groups, mode):
+    keys = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(keys[0], shape) * 3 + 2  # a mean far from 0: E[x^2]-E[x]^2 is tested
+    scale = jax.random.normal(keys[1], shape[-1:])
+    bias = jax.random.normal(keys[2], shape[-1:])
+    dy = jax.random.normal(keys[3], shape)
+    add = jax.random.normal(keys[4], shape) if mode == "add_relu" else None
+    relu = mode != "plain"
+
+    def run(norm):
+        def loss(x, scale, bias, add):
+            y, mean, var = norm(x, scale, bias, groups, 1e-5, relu=relu, add=add)
+            return jnp.sum(y * dy) + jnp.sum(jnp.tanh(y)), (y, mean, var)
+
+        return jax.jit(jax.grad(loss, (0, 1, 2, 3), has_aux=True))(x, scale, bias, add)
+
+    grads, outs = run(onednn.batch_norm)
+    want_grads, want_outs = run(_xla_batch_norm)
+    names = ("y", "mean", "var", "dx", "dscale", "dbias", "dadd")
+    for name, got, want in zip(names, (*outs, *grads), (*want_outs, *want_grads), strict=True):
+        if want is None:  # no addend, no gradient for it
+            assert got is None, name
+            continue
+        assert got.shape == want.shape and got.dtype == jnp.float32, name
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()),
+                                   err_msg=name)  # fmt: skip
+    if relu:
+        assert (outs[0] >= 0).all() and (outs[0] == 0).any()
+
+
+@needs_onednn
+def test_batch_norm_statistics_carry_no_gradient():
+    x = jax.random.normal(jax.random.key(0), (4, 3, 3, 8))
+    ones, zeros = jnp.ones(8), jnp.zeros(8)
+    grad = jax.grad(lambda x: jnp.sum(onednn.batch_norm(x, ones, zeros, 2, 1e-5)[1]))(x)
+    assert not grad.any()
+
+
+@needs_onednn
+def test_batch_norm_checks_its_groups_and_dtype():
+    x, ones = jnp.ones((6, 2, 2, 4)), jnp.ones(4)
+    with pytest.raises(Exception, match="groups must divide n"):
+        jax.block_until_ready(onednn.batch_norm(x, ones, ones, 4, 1e-5))
+    with pytest.raises(TypeError, match="float32"):
+        onednn.batch_norm(x.astype(jnp.bfloat16), ones, ones, 2, 1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(2, 9, 11, 5), (3, 8, 8, 16)])
+def test_max_pool_matches_flax(shape):
+    """Continuous random inputs have no tied maxima, so the gradients agree too."""
+    x = jax.random.normal(jax.random.key(0), shape)
+
+    def grads(pool):
+        y, vjp = jax.vjp(pool, x)
+        return y, vjp(jnp.sin(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape))[0]
+
+    want = grads(lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))))
+    got = grads(lambda x: onednn.max_pool(x, 3, 2, 1))
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        np.testing.assert_allclose(g, w, atol=1e-6)
+    with pytest.raises(TypeError, match="float32"):
+        onednn.max_pool(x.astype(jnp.bfloat16), 3, 2, 1)

@@ -9,28 +9,15 @@
 // Square kernels are not assumed; padding is symmetric, dilation 1, float32 only.
 
 #include <cstdint>
-#include <exception>
 #include <map>
 #include <memory>
 #include <mutex>
-#include <string>
 #include <tuple>
 
-#include "oneapi/dnnl/dnnl.hpp"
-#include "xla/ffi/api/ffi.h"
+#include "onednn_common.h"
 
-namespace ffi = xla::ffi;
-
+namespace resnext_onednn {
 namespace {
-
-using dnnl::memory;
-using Tag = memory::format_tag;
-using F32 = ffi::Buffer<ffi::F32>;
-
-dnnl::engine& Engine() {
-  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
-  return engine;
-}
 
 // One conv problem: activations n x h x w x c in, n x ho x wo x out out, kh x kw kernel.
 struct Problem {
@@ -97,10 +84,6 @@ Primitives& Get(const Problem& p) {
   return *slot;
 }
 
-ffi::Unexpected<ffi::Error> Invalid(const char* message) {
-  return ffi::Unexpected(ffi::Error::InvalidArgument(message));
-}
-
 // The problem from the activations and kernel shapes, checked against the output's.
 ffi::ErrorOr<Problem> MakeProblem(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k,
                                   ffi::Span<const int64_t> y, int64_t stride, int64_t pad,
@@ -116,32 +99,11 @@ ffi::ErrorOr<Problem> MakeProblem(ffi::Span<const int64_t> x, ffi::Span<const in
   return p;
 }
 
-// Runs `body` and turns any exception into an FFI error.
-template <typename Body>
-ffi::Error Guard(Body body) {
-  try {
-    body();
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
-  } catch (const std::exception& e) {  // out of memory, say: never unwind into XLA
-    return ffi::Error::Internal(std::string("onednn conv: ") + e.what());
-  } catch (...) {  // nor with anything else: past XLA's C frames it would end the process
-    return ffi::Error::Internal("onednn conv: an exception that is not a std::exception");
-  }
-  return ffi::Error::Success();
-}
-
-// This call's own scratchpad for a primitive built with scratchpad_mode::user.
-template <typename PrimitiveDesc>
-memory Scratch(const PrimitiveDesc& pd) {
-  return memory(pd.scratchpad_desc(), Engine());
-}
-
 // The kernel in the layout `want`, from the user's buffer (a reorder when they differ).
 memory KernelFor(const Problem& p, const memory::desc& want, void* data, dnnl::stream& s) {
   memory user(p.user_kernel(), Engine(), data);
   if (want == p.user_kernel()) return user;
-  memory kernel(want, Engine());
+  memory kernel = ThreadMemory(want, kKernel);
   dnnl::reorder(user, kernel).execute(s, user, kernel);
   return kernel;
 }
@@ -151,7 +113,7 @@ ffi::Error Forward(F32 x, F32 kernel, ffi::ResultBuffer<ffi::F32> y, int64_t str
   auto p = MakeProblem(x.dimensions(), kernel.dimensions(), y->dimensions(), stride, padding,
                        groups);
   if (p.has_error()) return p.error();
-  return Guard([&] {
+  return Guard("onednn conv", [&] {
     auto& prims = Get(*p);
     dnnl::stream s(Engine());
     memory k = KernelFor(*p, prims.fwd_pd.weights_desc(), kernel.untyped_data(), s);
@@ -170,7 +132,7 @@ ffi::Error InputGrad(F32 dy, F32 kernel, ffi::ResultBuffer<ffi::F32> dx, int64_t
   auto p = MakeProblem(dx->dimensions(), kernel.dimensions(), dy.dimensions(), stride, padding,
                        groups);
   if (p.has_error()) return p.error();
-  return Guard([&] {
+  return Guard("onednn conv", [&] {
     auto& prims = Get(*p);
     dnnl::stream s(Engine());
     memory k = KernelFor(*p, prims.bwd_data_pd.weights_desc(), kernel.untyped_data(), s);
@@ -189,14 +151,14 @@ ffi::Error KernelGrad(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dk, int64_t str
   auto p = MakeProblem(x.dimensions(), dk->dimensions(), dy.dimensions(), stride, padding,
                        groups);
   if (p.has_error()) return p.error();
-  return Guard([&] {
+  return Guard("onednn conv", [&] {
     auto& prims = Get(*p);
     dnnl::stream s(Engine());
     memory src(p->src(), Engine(), x.untyped_data());
     memory diff_dst(p->dst(), Engine(), dy.untyped_data());
     memory user(p->user_kernel(), Engine(), dk->untyped_data());
     const auto want = prims.bwd_weights_pd.diff_weights_desc();
-    memory diff_k = want == p->user_kernel() ? user : memory(want, Engine());
+    memory diff_k = want == p->user_kernel() ? user : ThreadMemory(want, kKernel);
     prims.bwd_weights.execute(s, {{DNNL_ARG_SRC, src},
                                   {DNNL_ARG_DIFF_DST, diff_dst},
                                   {DNNL_ARG_DIFF_WEIGHTS, diff_k},
@@ -207,24 +169,25 @@ ffi::Error KernelGrad(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dk, int64_t str
 }
 
 }  // namespace
+}  // namespace resnext_onednn
 
-// Built with -fvisibility=hidden: only these four symbols leave the library.
-#define EXPORT extern "C" __attribute__((visibility("default")))
 EXPORT XLA_FFI_Error* ResnextOnednnConvForward(XLA_FFI_CallFrame*);
 EXPORT XLA_FFI_Error* ResnextOnednnConvInputGrad(XLA_FFI_CallFrame*);
 EXPORT XLA_FFI_Error* ResnextOnednnConvKernelGrad(XLA_FFI_CallFrame*);
 
+using resnext_onednn::F32;
+
 #define CONV_ATTRS Attr<int64_t>("stride").Attr<int64_t>("padding").Attr<int64_t>("groups")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    ResnextOnednnConvForward, Forward,
-    ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<ffi::Buffer<ffi::F32>>().CONV_ATTRS);
+    ResnextOnednnConvForward, resnext_onednn::Forward,
+    ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>().CONV_ATTRS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    ResnextOnednnConvInputGrad, InputGrad,
-    ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<ffi::Buffer<ffi::F32>>().CONV_ATTRS);
+    ResnextOnednnConvInputGrad, resnext_onednn::InputGrad,
+    ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>().CONV_ATTRS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    ResnextOnednnConvKernelGrad, KernelGrad,
-    ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<ffi::Buffer<ffi::F32>>().CONV_ATTRS);
+    ResnextOnednnConvKernelGrad, resnext_onednn::KernelGrad,
+    ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>().CONV_ATTRS);
 
 // For the Python side's sanity check: the oneDNN version this file was built against.
 EXPORT int ResnextOnednnVersion() {

@@ -1,0 +1,95 @@
+"""Time batch norm (with its ReLU) in jax.numpy and through oneDNN, and print a markdown table.
+
+    python scripts/bench_norm.py
+    python scripts/bench_norm.py --shapes 16x56x56x256:g16,128x7x7x256:g32
+
+A shape is NxHxWxC[:gGROUP] (GROUP images per batch statistic, as model.bn_group_size; 32 by
+default, the whole batch when it holds fewer). Each row times the forward and backward of
+`BatchNorm(relu=True)` with XLA's formulation and with oneDNN's primitives, interleaved in one
+process, and marks the one `BatchNorm(impl="auto")` picks. docs/benchmarks.md has the tables
+behind that rule.
+"""
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from resnext_jax.devices import runtime
+from resnext_jax.models.resnet import BatchNorm, onednn_batch_norm_pays
+from resnext_jax.ops import onednn
+
+# The offline default's batch norms (batch 128 in groups of 32), then ResNet-50's at batch 16.
+SHAPES = (
+    "128x14x14x32",
+    "128x14x14x128",
+    "128x7x7x64",
+    "128x7x7x256",
+    "128x4x4x512",
+    "128x14x14x128:g128",
+    "16x112x112x64",
+    "16x56x56x64",
+    "16x56x56x256",
+    "16x28x28x512",
+    "16x14x14x1024",
+    "16x7x7x2048",
+)
+
+
+def parse_shape(spec):
+    dims, _, group = spec.partition(":")
+    shape = tuple(int(d) for d in dims.split("x"))
+    if len(shape) != 4 or (group and not group.startswith("g")):
+        raise ValueError(f"bad shape {spec!r}: want NxHxWxC[:gGROUP]")
+    return shape, int(group[1:]) if group else 32
+
+
+def _grad_fn(shape, group, impl):
+    x = jax.random.normal(jax.random.key(0), shape)
+    dy = jax.random.normal(jax.random.key(1), shape)
+    bn = BatchNorm(group_size=group, impl=impl, relu=True)
+    variables = bn.init(jax.random.key(0), x)
+
+    def loss(params, x):
+        y, _ = bn.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+        return jnp.sum(y * dy)
+
+    # Compiled as the trainer compiles its step (resnext_jax.devices.runtime.compiler_options).
+    jit = jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=runtime.compiler_options())
+    return jit, (variables["params"], x)
+
+
+def bench_shape(spec, reps):
+    shape, group = parse_shape(spec)
+    runs = {impl: _grad_fn(shape, group, impl) for impl in ("xla", "auto")}
+    for fn, args in runs.values():  # compile and warm up
+        jax.block_until_ready(fn(*args))
+    times = {impl: [] for impl in runs}
+    for _ in range(reps):
+        for impl, (fn, args) in runs.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[impl].append(time.perf_counter() - start)
+    ms = {impl: 1e3 * statistics.median(t) for impl, t in times.items()}
+    groups = shape[0] // min(group, shape[0])
+    pick = "onednn" if onednn_batch_norm_pays(groups) else "xla"
+    cells = [f"{ms['xla']:.2f}" + (" (auto)" if pick == "xla" else ""),
+             f"{ms['auto']:.2f}" + (" (auto)" if pick == "onednn" else "")]  # fmt: skip
+    return f"| {spec} | {groups} | " + " | ".join(cells) + f" | {ms['auto'] / ms['xla']:.2f} |"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shapes")
+    parser.add_argument("--reps", type=int, default=9, help="timed runs per cell (median)")
+    args = parser.parse_args(argv)
+    if not onednn.available():
+        parser.error(f"oneDNN is unavailable: {onednn.unavailable_reason()}")
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, {runtime.allocator()}, "
+          f"{runtime.xla_cpu_fusions()}, float32, fwd+bwd ms (median)")  # fmt: skip
+    print("| shape | groups | xla ms | onednn ms | onednn / xla |")
+    print("|---|---|---|---|---|")
+    for spec in args.shapes.split(","):
+        print(bench_shape(spec, args.reps), flush=True)

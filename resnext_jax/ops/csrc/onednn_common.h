@@ -1,0 +1,86 @@
+// What the oneDNN FFI handlers of this directory share: one CPU engine, shape errors, a
+// guard that turns exceptions into FFI errors, and per-call scratchpads.
+#pragma once
+
+#include <cstdlib>
+#include <exception>
+#include <new>
+#include <string>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+// Built with -fvisibility=hidden: only the handlers marked EXPORT leave the library.
+#define EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace ffi = xla::ffi;
+
+namespace resnext_onednn {
+
+using dnnl::memory;
+using Tag = memory::format_tag;
+using F32 = ffi::Buffer<ffi::F32>;
+
+inline dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+inline ffi::Unexpected<ffi::Error> Invalid(const char* message) {
+  return ffi::Unexpected(ffi::Error::InvalidArgument(message));
+}
+
+// Runs `body` and turns any exception into an FFI error whose message starts with `what`.
+template <typename Body>
+ffi::Error Guard(const char* what, Body body) {
+  try {
+    body();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
+  } catch (const std::exception& e) {  // out of memory, say: never unwind into XLA
+    return ffi::Error::Internal(std::string(what) + ": " + e.what());
+  } catch (...) {  // nor with anything else: past XLA's C frames it would end the process
+    return ffi::Error::Internal(std::string(what) + ": an exception that is not a std::exception");
+  }
+  return ffi::Error::Success();
+}
+
+// Scratch space of at least `bytes`, owned by the calling thread and reused by its later calls;
+// `slot` tells apart the buffers one call needs at once. A call runs to completion on its
+// thread, so nothing else uses the buffer meanwhile. Allocating these on every call instead
+// (megabytes each, between the step's own large buffers) fragmented the heap: tcmalloc then
+// kept two steps' worth of memory.
+enum Slot { kScratchpad, kKernel, kSecondScratchpad, kSlots };
+inline void* ThreadBuffer(Slot slot, size_t bytes) {
+  struct Buffer {
+    void* data = nullptr;
+    size_t size = 0;
+    ~Buffer() { std::free(data); }
+  };
+  thread_local Buffer buffers[kSlots];
+  Buffer& b = buffers[slot];
+  if (b.size < bytes || !b.data) {
+    const size_t size = (bytes + 63) / 64 * 64 + 64;  // never 0, a multiple of the alignment
+    void* data = std::aligned_alloc(64, size);
+    if (!data) throw std::bad_alloc();
+    std::free(b.data);
+    b.data = data;
+    b.size = size;
+  }
+  return b.data;
+}
+
+// A memory object of `desc` in this thread's buffer `slot`.
+inline memory ThreadMemory(const memory::desc& desc, Slot slot) {
+  return memory(desc, Engine(), ThreadBuffer(slot, desc.get_size()));
+}
+
+// XLA may run two primitives of the same shape at once on different threads, which oneDNN's
+// library-held scratchpad does not allow: every call brings its own (primitives are built
+// with scratchpad_mode::user), from its thread's buffer.
+template <typename PrimitiveDesc>
+memory Scratch(const PrimitiveDesc& pd, Slot slot = kScratchpad) {
+  return ThreadMemory(pd.scratchpad_desc(), slot);
+}
+
+}  // namespace resnext_onednn

@@ -144,7 +144,7 @@ class StepGate:
     less than `threshold` bytes (a small step, or one whose buffers were already freed).
     """
 
-    def __init__(self, platform=None, threshold=256 << 20, patience=0.02):
+    def __init__(self, platform=None, threshold=16 << 20, patience=0.02):
         self.one_at_a_time = steps_in_flight(platform) == 1
         self.allocated = _tcmalloc_allocated() if self.one_at_a_time else None
         self.threshold, self.patience = threshold, patience

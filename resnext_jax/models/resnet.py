@@ -23,7 +23,7 @@ from jax import lax
 
 from resnext_jax.ops import onednn
 from resnext_jax.ops.activation import relu
-from resnext_jax.ops.conv import Conv, onednn_on_this_backend, uses_onednn
+from resnext_jax.ops.conv import Conv, dense_impl, onednn_on_this_backend, uses_onednn
 
 ModuleDef = Any
 
@@ -79,12 +79,8 @@ class BatchNorm(nn.Module):
 
         batch = x.shape[0]
         devices = lax.axis_size(self.axis_name) if self.axis_name else 1
-        total = batch * devices
-        group = total if not self.group_size or total <= self.group_size else self.group_size
-        across_devices = group == total and devices > 1
-        if across_devices:
-            group = batch
-        elif batch % group:
+        group, across_devices = bn_group(batch, devices, self.group_size)
+        if not across_devices and batch % group:
             raise ValueError(
                 f"batch norm over groups of {group} images needs each device's batch to be "
                 f"divisible by {group}, got {batch} images on each of {devices} device(s); change "
@@ -126,6 +122,16 @@ class BatchNorm(nn.Module):
         m = self.momentum
         ra_mean.value = m * ra_mean.value + (1 - m) * batch_mean
         ra_var.value = m * ra_var.value + (1 - m) * batch_var
+
+
+def bn_group(batch: int, devices: int, group_size: int | None) -> tuple[int, bool]:
+    """(images per batch statistic within a device, whether moments are averaged across
+    devices) for a device batch of `batch` images on `devices` devices (BatchNorm's rule)."""
+    total = batch * devices
+    group = total if not group_size or total <= group_size else group_size
+    if group == total and devices > 1:
+        return batch, True
+    return group, False
 
 
 def onednn_batch_norm_pays(groups: int) -> bool:
@@ -340,7 +346,16 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = partial(Conv, dtype=self.dtype, impl=self.conv_impl)
+        # oneDNN for the dense convs too where batch norm runs there (one group per device):
+        # next to XLA's batch norm, XLA's own dense convs take its scale and ReLU into them.
+        dense = dense_impl(self.conv_impl)
+        if train:  # the batch statistics' groups (eval-mode batch norm is elementwise)
+            devices = lax.axis_size(self.axis_name) if self.axis_name else 1
+            group, across = bn_group(x.shape[0], devices, self.bn_group_size)
+            float32 = jnp.dtype(self.dtype) == jnp.float32
+            if across or not float32 or not onednn_batch_norm_pays(x.shape[0] // group):
+                dense = "xla_auto"
+        conv = partial(Conv, dtype=self.dtype, impl=self.conv_impl, dense=dense)
         norm = partial(
             BatchNorm,
             use_running_average=not train,

@@ -15,10 +15,11 @@ and oneDNN's kernels as XLA custom calls (resnext_jax/ops/onednn.py):
 
 `auto` picks per backend and shape (`select_impl`); `xla_auto` picks the same way among the
 XLA formulations only (what `auto` does where oneDNN cannot run). Dense convs are not
-grouped-conv choices: on CPU a dense 1x1 conv runs as `pointwise` (one matmul over
+grouped-conv choices: on CPU they run through oneDNN too where it is built, and otherwise
+(and under `xla` and `xla_auto`) a dense 1x1 conv runs as `pointwise` (one matmul over
 positions), any other as `xla`. `KERNELS` holds every name `select_impl` returns.
-docs/benchmarks.md ("Grouped convolution through oneDNN", "Grouped convolution on XLA CPU")
-has the measurements behind the rules.
+docs/benchmarks.md ("CPU training beside torchvision", "Grouped convolution through oneDNN",
+"Grouped convolution on XLA CPU") has the measurements behind the rules.
 """
 
 from collections.abc import Callable
@@ -70,10 +71,11 @@ def onednn_on_this_backend() -> bool:
 def select_impl(x_shape, kernel_shape, strides, groups, backend=None, use_onednn=None) -> str:
     """The kernel (a key of `KERNELS`) that `auto` runs for this conv on this backend.
 
-    Off CPU: XLA's native conv (no measurement there says otherwise). On CPU, dense convs:
-    `pointwise` for 1x1, `xla` otherwise. Grouped convs: `onednn` wherever it can run
-    (`use_onednn`, default `onednn_usable()`); without it (`xla_auto`), `shift` at narrow
-    groups (in/groups <= 8 with at most 72 taps per output), and at in/groups <= 16 on
+    Off CPU: XLA's native conv (no measurement there says otherwise). On CPU, every conv,
+    dense or grouped: `onednn` wherever it can run (`use_onednn`, default `onednn_usable()`).
+    Without it (`xla_auto`), dense convs: `pointwise` for 1x1, `xla` otherwise; grouped ones:
+    `shift` at narrow groups (in/groups <= 8 with at most 72 taps per output), and at
+    in/groups <= 16 on
     stride-1 maps of at least 56x56 with at most 128 input channels; `xla_wgrad` everywhere
     else. `dense` and `matmul` are never picked: `dense`'s zero blocks would show up in every
     FLOP count read from XLA, and `matmul` never beat `xla_wgrad` by much. The rules follow
@@ -127,9 +129,9 @@ def uses_onednn(impl: str) -> bool:
 class Conv(nn.Module):
     """Bias-free square conv with symmetric padding k//2 (torchvision's), optionally grouped.
 
-    `impl` chooses how a grouped conv runs; an ungrouped one always takes `auto` (on CPU,
-    `pointwise` for 1x1 and XLA's own conv otherwise), so forcing an implementation for a
-    model's grouped 3x3s leaves its dense convs alone.
+    `impl` chooses how a grouped conv runs; an ungrouped one takes `dense` if given, else
+    `dense_impl(impl)` (`auto`'s pick unless `impl` is `xla` or `xla_auto`), so forcing an
+    implementation for a model's grouped 3x3s leaves its dense convs alone.
     """
 
     features: int
@@ -137,6 +139,7 @@ class Conv(nn.Module):
     strides: int = 1
     groups: int = 1
     impl: str = "auto"
+    dense: str | None = None  # an ungrouped conv's impl; None: dense_impl(impl)
     dtype: Any = jnp.float32
     kernel_init: Callable = he_fan_out
 
@@ -158,5 +161,5 @@ class Conv(nn.Module):
             strides=self.strides,
             padding=k // 2,
             groups=self.groups,
-            impl=self.impl if self.groups > 1 else dense_impl(self.impl),
+            impl=self.impl if self.groups > 1 else self.dense or dense_impl(self.impl),
         )

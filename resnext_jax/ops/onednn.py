@@ -1,16 +1,19 @@
-"""oneDNN's grouped convolution on CPU, called from XLA as FFI custom calls (the `onednn` impl).
+"""oneDNN's kernels on CPU, called from XLA as FFI custom calls: convs, batch norm, max pooling.
 
-XLA CPU has no fast kernel for narrow-group convolutions (docs/benchmarks.md); oneDNN, the
-library PyTorch's CPU convolutions run on, has JIT-compiled ones. `csrc/onednn_conv.cc` wraps
-its forward conv, input gradient and kernel gradient as three XLA FFI handlers that read this
-project's NHWC activations in place and its flax kernel layout through a strided view.
+XLA CPU has no fast kernel for narrow-group convolutions, runs its dense convs and batch-norm
+reductions slower than oneDNN, the library PyTorch's CPU layers run on (docs/benchmarks.md).
+`csrc/` wraps oneDNN's primitives as XLA FFI handlers that read this project's NHWC
+activations in place: `onednn_conv.cc` the conv, its input gradient and its kernel gradient
+(the flax kernel layout read through a strided view, any groups); `onednn_norm.cc` the
+training-mode batch norm over groups of images, optionally followed by a ReLU or by a residual
+add and a ReLU, and its backward; `onednn_pool.cc` max pooling and its backward.
 
 The wrapper is compiled on first use with the system C++ compiler (`$CXX`, a command line such
 as `ccache g++`, else `c++`) against the oneDNN headers and library that requirements.txt
 installs into the environment (`onednn-devel-cpu-gomp`, `onednn-cpu-gomp`; `/usr` and
 `/usr/local` are searched too, for Debian's `libdnnl-dev`), within `$RESNEXT_JAX_BUILD_TIMEOUT`
 seconds. The library lands in `$RESNEXT_JAX_CACHE` (default `~/.cache/resnext_jax`), named by a
-hash of the source and the build inputs, so a changed source or environment builds afresh and
+hash of the sources and the build inputs, so a changed source or environment builds afresh and
 concurrent processes never see a half-written file. Loading a library runs its code, so the
 cache and the library must be the user's own and writable by no one else (a shared cache under
 /tmp is refused).
@@ -18,11 +21,15 @@ cache and the library must be the user's own and writable by no one else (a shar
 no oneDNN) `available()` is False, `unavailable_reason()` says why, and `auto` keeps to the
 XLA formulations; `RESNEXT_JAX_ONEDNN=0` turns the path off.
 
-`grouped_conv` is the differentiable conv built on the three calls (float32 inside; other
-dtypes are cast), on CPU only. The calls are opaque to XLA: its cost analysis counts no FLOPs
-for them (`resnext_jax.models.inspector.xla_flops` compiles with XLA's own conv for that
-reason), and its sharding propagation cannot split them, so they run only inside per-device
-steps (resnext_jax/devices/parallel.py).
+`grouped_conv` (any groups, dense ones too), `batch_norm` and `max_pool` are differentiable
+functions built on the calls, on CPU only. The conv runs float32 inside (other dtypes are
+cast); batch norm and pooling take float32 only (the model keeps other dtypes in XLA). The
+calls are opaque to XLA: its cost analysis counts no FLOPs for them
+(`resnext_jax.models.inspector.xla_flops` compiles with XLA's own layers for that reason), and
+its sharding propagation cannot split them, so they run only inside per-device steps
+(resnext_jax/devices/parallel.py). Scratch memory comes from per-thread buffers that calls
+reuse (csrc/onednn_common.h) and workspaces are outputs XLA allocates: allocated on every
+call, they fragmented the heap.
 """
 
 import contextlib

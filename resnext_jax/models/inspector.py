@@ -93,7 +93,11 @@ def conv_impls(model, input_shape) -> list[str]:
     for layer in layers(model, input_shape)[0]:
         module = layer.module
         if isinstance(module, Conv):
-            impl = module.impl if module.groups > 1 else "auto"
+            impl = (
+                module.impl
+                if module.groups > 1
+                else module.dense or conv_ops.dense_impl(module.impl)
+            )
             k = module.kernel_size
             kernel = (k, k, layer.in_shape[-1] // module.groups, module.features)
             used.add(conv_ops.resolve_impl(impl, layer.in_shape, kernel, module.strides,

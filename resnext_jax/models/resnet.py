@@ -137,9 +137,10 @@ def bn_group(batch: int, devices: int, group_size: int | None) -> tuple[int, boo
 def onednn_batch_norm_pays(groups: int) -> bool:
     """Whether oneDNN's batch norm beats XLA's for a device batch split into `groups` groups.
 
-    One group: oneDNN, 2-7x faster in scripts/bench_norm.py's table (docs/benchmarks.md); XLA's
-    reduction over a whole batch is slow. Several groups: XLA's reduction over (groups, images
-    x positions, channels) is fast, and oneDNN's one call per group lost at every such shape.
+    One group: oneDNN, 1.3-1.8x as fast alone in scripts/bench_norm.py's table and faster in
+    ResNet-50's step. Several groups: about even alone, but the offline default's step (4 groups
+    of 32) took 13% longer with it, one call per group and nothing left for XLA to fuse
+    (docs/benchmarks.md, "Batch norm through oneDNN").
     """
     return groups == 1
 

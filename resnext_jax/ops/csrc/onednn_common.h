@@ -4,6 +4,9 @@
 
 #include <cstdlib>
 #include <exception>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <new>
 #include <string>
 
@@ -73,6 +76,17 @@ inline void* ThreadBuffer(Slot slot, size_t bytes) {
 // A memory object of `desc` in this thread's buffer `slot`.
 inline memory ThreadMemory(const memory::desc& desc, Slot slot) {
   return memory(desc, Engine(), ThreadBuffer(slot, desc.get_size()));
+}
+
+// The primitives of `problem`, built on first use (oneDNN JIT-compiles each one) and reused.
+template <typename Primitives, typename Problem>
+Primitives& Cached(const Problem& problem) {
+  static std::mutex mutex;
+  static std::map<Problem, std::unique_ptr<Primitives>> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto& slot = cache[problem];
+  if (!slot) slot = std::make_unique<Primitives>(problem);
+  return *slot;
 }
 
 // XLA may run two primitives of the same shape at once on different threads, which oneDNN's

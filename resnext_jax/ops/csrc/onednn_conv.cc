@@ -9,9 +9,6 @@
 // Square kernels are not assumed; padding is symmetric, dilation 1, float32 only.
 
 #include <cstdint>
-#include <map>
-#include <memory>
-#include <mutex>
 #include <tuple>
 
 #include "onednn_common.h"
@@ -75,14 +72,7 @@ struct Primitives {
   }
 };
 
-Primitives& Get(const Problem& p) {
-  static std::mutex mutex;
-  static std::map<Problem, std::unique_ptr<Primitives>> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto& slot = cache[p];
-  if (!slot) slot = std::make_unique<Primitives>(p);
-  return *slot;
-}
+Primitives& Get(const Problem& p) { return Cached<Primitives>(p); }
 
 // The problem from the activations and kernel shapes, checked against the output's.
 ffi::ErrorOr<Problem> MakeProblem(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k,

@@ -12,9 +12,6 @@
 
 #include <cstdint>
 #include <cstring>
-#include <map>
-#include <memory>
-#include <mutex>
 #include <stdexcept>
 #include <tuple>
 #include <unordered_map>
@@ -84,14 +81,7 @@ struct NormPrimitives {
   }
 };
 
-NormPrimitives& GetNorm(const NormProblem& p) {
-  static std::mutex mutex;
-  static std::map<NormProblem, std::unique_ptr<NormPrimitives>> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto& slot = cache[p];
-  if (!slot) slot = std::make_unique<NormPrimitives>(p);
-  return *slot;
-}
+NormPrimitives& GetNorm(const NormProblem& p) { return Cached<NormPrimitives>(p); }
 
 bool SameShape(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
   if (a.size() != b.size()) return false;

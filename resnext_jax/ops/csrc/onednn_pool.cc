@@ -9,9 +9,6 @@
 // one XLA's select-and-scatter picks.
 
 #include <cstdint>
-#include <map>
-#include <memory>
-#include <mutex>
 #include <stdexcept>
 #include <tuple>
 
@@ -53,14 +50,7 @@ struct PoolPrimitives {
   }
 };
 
-PoolPrimitives& GetPool(const PoolProblem& p) {
-  static std::mutex mutex;
-  static std::map<PoolProblem, std::unique_ptr<PoolPrimitives>> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto& slot = cache[p];
-  if (!slot) slot = std::make_unique<PoolPrimitives>(p);
-  return *slot;
-}
+PoolPrimitives& GetPool(const PoolProblem& p) { return Cached<PoolPrimitives>(p); }
 
 ffi::ErrorOr<PoolProblem> MakePoolProblem(ffi::Span<const int64_t> x, ffi::Span<const int64_t> y,
                                           int64_t window, int64_t stride, int64_t pad) {

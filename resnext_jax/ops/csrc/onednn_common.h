@@ -78,6 +78,13 @@ inline memory ThreadMemory(const memory::desc& desc, Slot slot) {
   return memory(desc, Engine(), ThreadBuffer(slot, desc.get_size()));
 }
 
+// Attributes for a primitive whose calls bring their own scratchpad (`Scratch` below).
+inline dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
 // The primitives of `problem`, built on first use (oneDNN JIT-compiles each one) and reused.
 template <typename Primitives, typename Problem>
 Primitives& Cached(const Problem& problem) {

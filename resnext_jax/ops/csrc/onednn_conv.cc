@@ -55,8 +55,7 @@ struct Primitives {
 
   explicit Primitives(const Problem& p) {
     auto& engine = Engine();
-    dnnl::primitive_attr attr;
-    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    const dnnl::primitive_attr attr = UserScratchpad();
     fwd_pd = dnnl::convolution_forward::primitive_desc(
         engine, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
         p.src(), p.any_kernel(), p.dst(), p.strides(), p.pads(), p.pads(), attr);

@@ -54,8 +54,7 @@ struct NormPrimitives {
 
   explicit NormPrimitives(const NormProblem& p) {
     auto& engine = Engine();
-    dnnl::primitive_attr attr;
-    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    const dnnl::primitive_attr attr = UserScratchpad();
     const auto flags = Flags::use_scale | Flags::use_shift;
     // oneDNN's CPU batch norm has no fused add-and-ReLU (fuse_norm_add_relu) for NHWC float32:
     // that mode runs the plain forward, then a binary add with a ReLU post-op, in place.
@@ -68,8 +67,7 @@ struct NormPrimitives {
     }
     dnnl::post_ops relu;
     relu.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
-    dnnl::primitive_attr add_attr;
-    add_attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    dnnl::primitive_attr add_attr = UserScratchpad();
     add_attr.set_post_ops(relu);
     add_relu_pd = dnnl::binary::primitive_desc(engine, dnnl::algorithm::binary_add, p.data(),
                                                p.data(), p.data(), add_attr);

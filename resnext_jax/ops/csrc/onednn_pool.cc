@@ -35,8 +35,7 @@ struct PoolPrimitives {
 
   explicit PoolPrimitives(const PoolProblem& p) {
     auto& engine = Engine();
-    dnnl::primitive_attr attr;
-    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    const dnnl::primitive_attr attr = UserScratchpad();
     const memory::dims strides{p.stride, p.stride}, kernel{p.window, p.window}, dilation{0, 0},
         pad{p.pad, p.pad};
     fwd_pd = dnnl::pooling_forward::primitive_desc(

@@ -365,10 +365,9 @@ def _workspace_bytes(x_shape, groups, epsilon, mode) -> int:
 
 def _norm_forward(x, scale, bias, add, groups, epsilon, relu):
     mode = ADD_RELU if add is not None else RELU if relu else PLAIN
-    x, scale, bias = _norm_operands(x, scale, bias)
     if add is None:
-        add = jnp.zeros((0,), np.float32)
-    add = _norm_operands(x, add)[1]
+        add = jnp.zeros((0,), np.float32)  # the call's addend slot, empty
+    x, scale, bias, add = _norm_operands(x, scale, bias, add)
     stats = _typed(x, (groups, x.shape[-1]))
     # An output XLA allocates (and frees) with the step's buffers; nothing reads it.
     size = groups * _workspace_bytes(x.shape, groups, epsilon, mode)

@@ -2,11 +2,13 @@
 
     python scripts/bench_norm.py
     python scripts/bench_norm.py --shapes 16x56x56x256:g16,128x7x7x256:g32
+    python scripts/bench_norm.py --dtype bfloat16
 
 A shape is NxHxWxC[:gGROUP] (GROUP images per batch statistic, as model.bn_group_size; 32 by
 default, the whole batch when it holds fewer). Each row times the forward and backward of
 `BatchNorm(relu=True)` with XLA's formulation and with oneDNN's primitives, interleaved in one
-process, and marks the one `BatchNorm(impl="auto")` picks. docs/benchmarks.md has the tables
+process, in the compute dtype `--dtype` (parameters and statistics float32), and marks the
+one `BatchNorm(impl="auto")` picks. docs/benchmarks.md has the tables
 behind that rule.
 """
 
@@ -46,24 +48,24 @@ def parse_shape(spec):
     return shape, int(group[1:]) if group else 32
 
 
-def _grad_fn(shape, group, impl):
-    x = jax.random.normal(jax.random.key(0), shape)
-    dy = jax.random.normal(jax.random.key(1), shape)
-    bn = BatchNorm(group_size=group, impl=impl, relu=True)
+def _grad_fn(shape, group, impl, dtype):
+    x = jax.random.normal(jax.random.key(0), shape).astype(dtype)
+    dy = jax.random.normal(jax.random.key(1), shape).astype(dtype)
+    bn = BatchNorm(group_size=group, impl=impl, relu=True, dtype=dtype)
     variables = bn.init(jax.random.key(0), x)
 
     def loss(params, x):
         y, _ = bn.apply({**variables, "params": params}, x, mutable=["batch_stats"])
-        return jnp.sum(y * dy)
+        return jnp.sum((y * dy).astype(jnp.float32))
 
     # Compiled as the trainer compiles its step (resnext_jax.devices.runtime.compiler_options).
     jit = jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=runtime.compiler_options())
     return jit, (variables["params"], x)
 
 
-def bench_shape(spec, reps):
+def bench_shape(spec, reps, dtype=jnp.float32):
     shape, group = parse_shape(spec)
-    runs = {impl: _grad_fn(shape, group, impl) for impl in ("xla", "auto")}
+    runs = {impl: _grad_fn(shape, group, impl, dtype) for impl in ("xla", "auto")}
     for fn, args in runs.values():  # compile and warm up
         jax.block_until_ready(fn(*args))
     times = {impl: [] for impl in runs}
@@ -74,7 +76,7 @@ def bench_shape(spec, reps):
             times[impl].append(time.perf_counter() - start)
     ms = {impl: 1e3 * statistics.median(t) for impl, t in times.items()}
     groups = shape[0] // min(group, shape[0])
-    pick = "onednn" if onednn_batch_norm_pays(groups) else "xla"
+    pick = "onednn" if onednn_batch_norm_pays(groups, dtype) else "xla"
     cells = [f"{ms['xla']:.2f}" + (" (auto)" if pick == "xla" else ""),
              f"{ms['auto']:.2f}" + (" (auto)" if pick == "onednn" else "")]  # fmt: skip
     return f"| {spec} | {groups} | " + " | ".join(cells) + f" | {ms['auto'] / ms['xla']:.2f} |"
@@ -84,12 +86,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shapes")
     parser.add_argument("--reps", type=int, default=9, help="timed runs per cell (median)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)
     if not onednn.available():
         parser.error(f"oneDNN is unavailable: {onednn.unavailable_reason()}")
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {runtime.allocator()}, "
-          f"{runtime.xla_cpu_fusions()}, float32, fwd+bwd ms (median)")  # fmt: skip
+          f"{runtime.xla_cpu_fusions()}, {args.dtype}, fwd+bwd ms (median)")  # fmt: skip
     print("| shape | groups | xla ms | onednn ms | onednn / xla |")
     print("|---|---|---|---|---|")
     for spec in args.shapes.split(","):
-        print(bench_shape(spec, args.reps), flush=True)
+        print(bench_shape(spec, args.reps, jnp.dtype(args.dtype)), flush=True)

@@ -44,9 +44,10 @@ class BatchNorm(nn.Module):
     its moments over the devices. The running averages are averaged over the devices, which
     keeps them replicated and equal to those of one device holding the whole batch.
 
-    `impl`: "auto" computes a training-mode float32 batch norm over one group per device with
-    oneDNN's batch-norm primitives (resnext_jax.ops.onednn.batch_norm, `onednn_batch_norm_pays`)
-    where the `onednn` conv impl can run; anything else, and "xla", computes it in jax.numpy.
+    `impl`: "auto" computes a training-mode float32 or bfloat16 batch norm over one group per
+    device with oneDNN's batch-norm primitives (resnext_jax.ops.onednn.batch_norm,
+    `onednn_batch_norm_pays`) where the `onednn` conv impl can run; anything else, and "xla",
+    computes it in jax.numpy (in float32, the output cast to `dtype`).
     `relu` applies a ReLU to the output; `add` (at call time) adds a tensor before it.
     """
 
@@ -87,9 +88,10 @@ class BatchNorm(nn.Module):
                 "the batch size or model.bn_group_size (a group never spans devices, except "
                 "the whole batch: bn_group_size=0)"
             )
-        float32 = x.dtype == self.dtype == jnp.float32 and (add is None or add.dtype == x.dtype)
-        if self.impl == "auto" and float32 and not across_devices:
-            if onednn_batch_norm_pays(batch // group) and onednn_on_this_backend():
+        native = onednn_dtype(x.dtype) and x.dtype == self.dtype
+        native = native and (add is None or add.dtype == x.dtype)
+        if self.impl == "auto" and native and not across_devices:
+            if onednn_batch_norm_pays(batch // group, x.dtype) and onednn_on_this_backend():
                 y, mean, var = onednn.batch_norm(
                     x, scale, bias, batch // group, self.epsilon, relu=self.relu, add=add
                 )
@@ -134,21 +136,30 @@ def bn_group(batch: int, devices: int, group_size: int | None) -> tuple[int, boo
     return group, False
 
 
-def onednn_batch_norm_pays(groups: int) -> bool:
-    """Whether oneDNN's batch norm beats XLA's for a device batch split into `groups` groups.
+def onednn_batch_norm_pays(groups: int, dtype=jnp.float32) -> bool:
+    """Whether oneDNN's batch norm (and with it the dense convs) beats XLA's for a device batch
+    split into `groups` groups, computing in `dtype`.
 
-    One group: oneDNN, 1.3-1.8x as fast alone in scripts/bench_norm.py's table and faster in
-    ResNet-50's step. Several groups: about even alone, but the offline default's step (4 groups
-    of 32) took 13% longer with it, one call per group and nothing left for XLA to fuse
-    (docs/benchmarks.md, "Batch norm through oneDNN").
+    float32, one group: oneDNN, 1.3-1.8x as fast alone in scripts/bench_norm.py's table and
+    faster in ResNet-50's step. float32, several groups: about even alone, but the offline
+    default's step (4 groups of 32) took longer with it, one call per group and nothing left for
+    XLA to fuse. bfloat16: oneDNN at any number of groups, since XLA's CPU convs and norms do
+    not use the CPU's bfloat16 instructions and the offline default's step is faster with
+    oneDNN's (docs/benchmarks.md, "Batch norm through oneDNN" and "bfloat16 on CPU").
     """
-    return groups == 1
+    return groups == 1 or jnp.dtype(dtype) == jnp.bfloat16
+
+
+def onednn_dtype(dtype) -> bool:
+    """Whether oneDNN's batch norm and pooling run this compute dtype as it is."""
+    return jnp.dtype(dtype) in onednn.NATIVE
 
 
 def max_pool(x, window, strides, padding, dtype, onednn_ok=True):
-    """The stem's max pool: oneDNN's on CPU in float32 where it is built (`onednn_ok`: the
-    model's conv_impl allows it), flax's otherwise. Padding never wins in either."""
-    if onednn_ok and x.dtype == dtype == jnp.float32 and onednn_on_this_backend():
+    """The stem's max pool: oneDNN's on CPU in float32 or bfloat16 where it is built
+    (`onednn_ok`: the model's conv_impl allows it), flax's otherwise. Padding never wins in
+    either."""
+    if onednn_ok and x.dtype == dtype and onednn_dtype(dtype) and onednn_on_this_backend():
         return onednn.max_pool(x, window, strides, padding)
     pads = ((padding, padding), (padding, padding))
     return nn.max_pool(x, (window, window), strides=(strides, strides), padding=pads)
@@ -353,8 +364,9 @@ class ResNet(nn.Module):
         if train:  # the batch statistics' groups (eval-mode batch norm is elementwise)
             devices = lax.axis_size(self.axis_name) if self.axis_name else 1
             group, across = bn_group(x.shape[0], devices, self.bn_group_size)
-            float32 = jnp.dtype(self.dtype) == jnp.float32
-            if across or not float32 or not onednn_batch_norm_pays(x.shape[0] // group):
+            native = onednn_dtype(self.dtype)
+            pays = onednn_batch_norm_pays(x.shape[0] // group, self.dtype)
+            if across or not native or not pays:
                 dense = "xla_auto"
         conv = partial(Conv, dtype=self.dtype, impl=self.conv_impl, dense=dense)
         norm = partial(

@@ -22,8 +22,10 @@ no oneDNN) `available()` is False, `unavailable_reason()` says why, and `auto` k
 XLA formulations; `RESNEXT_JAX_ONEDNN=0` turns the path off.
 
 `grouped_conv` (any groups, dense ones too), `batch_norm` and `max_pool` are differentiable
-functions built on the calls, on CPU only. The conv runs float32 inside (other dtypes are
-cast); batch norm and pooling take float32 only (the model keeps other dtypes in XLA). The
+functions built on the calls, on CPU only. Each runs float32 or bfloat16 as it is: bfloat16
+activations, kernels and gradients stay bfloat16 in memory and oneDNN accumulates in float32,
+with AVX512-BF16 and AMX instructions where the CPU has them; the conv casts any other
+dtype to float32. The
 calls are opaque to XLA: its cost analysis counts no FLOPs for them
 (`resnext_jax.models.inspector.xla_flops` compiles with XLA's own layers for that reason), and
 its sharding propagation cannot split them, so they run only inside per-device steps
@@ -240,9 +242,9 @@ def _load() -> str | None:
         return str(e)
     workspace_bytes = library.ResnextOnednnNormWorkspaceBytes
     workspace_bytes.restype = ctypes.c_int64
-    workspace_bytes.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int64]
+    workspace_bytes.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_float] + [ctypes.c_int64] * 2
     library.ResnextOnednnPoolWorkspaceBytes.restype = ctypes.c_int64
-    library.ResnextOnednnPoolWorkspaceBytes.argtypes = [ctypes.c_int64] * 7
+    library.ResnextOnednnPoolWorkspaceBytes.argtypes = [ctypes.c_int64] * 8
     _library = library
     for target, symbol in TARGETS.items():
         capsule = jax.ffi.pycapsule(getattr(library, symbol))
@@ -272,15 +274,26 @@ def require() -> None:
         )
 
 
+NATIVE = (np.dtype(np.float32), np.dtype(jnp.bfloat16))  # what the calls read and write
+
+
+def _check_dtypes(what, *arrays):
+    """Raise unless `arrays` share one dtype of NATIVE; return it."""
+    dtypes = {np.dtype(a.dtype) for a in arrays}
+    if len(dtypes) != 1 or not dtypes <= set(NATIVE):
+        got = " and ".join(sorted(map(str, dtypes)))
+        raise TypeError(f"the onednn {what} runs float32 or bfloat16 (one of them), got {got}")
+    return dtypes.pop()
+
+
 def _call(target, out_shape, a, b, strides, padding, groups):
     require()
-    if a.dtype != np.float32 or b.dtype != np.float32:
-        raise TypeError(f"the onednn conv impl runs float32 only, got {a.dtype} and {b.dtype}")
+    dtype = _check_dtypes("conv impl", a, b)
     a, b = parallel.vary_like(a, b), parallel.vary_like(b, a)  # one type for both operands
     # The result is typed like the operands, so that inside a per-device step (shard_map) it
     # varies over the same mesh axes: typed as replicated, autodiff would sum its cotangents
     # over the devices.
-    result = jax.typeof(a).update(shape=tuple(out_shape), dtype=np.dtype(np.float32))
+    result = jax.typeof(a).update(shape=tuple(out_shape), dtype=dtype)
     call = jax.ffi.ffi_call(_name(target), result, vmap_method="sequential")
     return call(a, b, stride=np.int64(strides), padding=np.int64(padding), groups=np.int64(groups))
 
@@ -314,12 +327,18 @@ if __name__ == "__main__":  # `python -m resnext_jax.ops.onednn`: build now, say
 def grouped_conv(x, kernel, strides, padding, groups):
     """oneDNN's conv and its two gradients as XLA FFI custom calls.
 
-    oneDNN runs in float32 here; other dtypes are cast to it and back, as `shift` also
-    accumulates in float32.
+    float32 and bfloat16 run as they are (the result and the gradients in the operands' dtype,
+    accumulated in float32); other dtypes are cast to float32 and back.
     """
-    f32 = jnp.float32
-    y = forward(x.astype(f32), kernel.astype(f32), strides, padding, groups)
+    t = _compute_dtype(x, kernel)
+    y = forward(x.astype(t), kernel.astype(t), strides, padding, groups)
     return y.astype(x.dtype)
+
+
+def _compute_dtype(*arrays):
+    """The dtype oneDNN runs `arrays` in: theirs if they share one of NATIVE, else float32."""
+    dtypes = {np.dtype(a.dtype) for a in arrays}
+    return dtypes.pop() if len(dtypes) == 1 and dtypes <= set(NATIVE) else np.dtype(np.float32)
 
 
 def _grouped_conv_fwd(x, kernel, strides, padding, groups):
@@ -328,53 +347,66 @@ def _grouped_conv_fwd(x, kernel, strides, padding, groups):
 
 def _grouped_conv_bwd(strides, padding, groups, residuals, dy):
     x, kernel = residuals
-    f32 = jnp.float32
-    x32, k32, dy32 = x.astype(f32), kernel.astype(f32), dy.astype(f32)
-    dx = input_grad(dy32, k32, x.shape, strides, padding, groups)
-    dw = kernel_grad(x32, dy32, kernel.shape, strides, padding, groups)
+    t = _compute_dtype(x, kernel)
+    xt, kt, dyt = x.astype(t), kernel.astype(t), dy.astype(t)
+    dx = input_grad(dyt, kt, x.shape, strides, padding, groups)
+    dw = kernel_grad(xt, dyt, kernel.shape, strides, padding, groups)
     return dx.astype(x.dtype), dw.astype(kernel.dtype)
 
 
 grouped_conv.defvjp(_grouped_conv_fwd, _grouped_conv_bwd)
 
 
-def _norm_operands(x, *params):
+def _norm_operands(activations, params):
+    """`activations` (float32 or bfloat16, one dtype) and float32 `params`, checked, all typed
+    to vary like the first activation."""
     require()
-    if any(a.dtype != np.float32 for a in (x, *params)):
-        raise TypeError(f"the onednn batch norm runs float32 only, got {x.dtype}")
-    return x, *(parallel.vary_like(p, x) for p in params)
+    _check_dtypes("batch norm", *activations)
+    if any(p.dtype != np.float32 for p in params):
+        got = ", ".join(str(p.dtype) for p in params)
+        raise TypeError(
+            f"the onednn batch norm's scale, bias and statistics are float32, not {got}"
+        )
+    x = activations[0]
+    return [x, *(parallel.vary_like(a, x) for a in (*activations[1:], *params))]
 
 
-def _typed(like, shape):
-    """An FFI result typed like `like` (varying over its mesh axes), float32, of `shape`."""
-    return jax.typeof(like).update(shape=tuple(shape), dtype=np.dtype(np.float32))
+def _typed(like, shape, dtype=np.float32):
+    """An FFI result typed like `like` (varying over its mesh axes), of `shape` and `dtype`."""
+    return jax.typeof(like).update(shape=tuple(shape), dtype=np.dtype(dtype))
 
 
 # What the forward applies after normalizing (the C++ side's `Mode`).
 PLAIN, RELU, ADD_RELU = 0, 1, 2
 
 
-def _workspace_bytes(x_shape, groups, epsilon, mode) -> int:
+def _is_bfloat16(dtype) -> int:
+    return int(np.dtype(dtype) == np.dtype(jnp.bfloat16))
+
+
+def _workspace_bytes(x_shape, dtype, groups, epsilon, mode) -> int:
     """Bytes of the workspace the forward writes in `mode` for one group of images."""
     n, h, w, c = x_shape
-    size = _library.ResnextOnednnNormWorkspaceBytes(n // groups, h, w, c, epsilon, mode)
+    size = _library.ResnextOnednnNormWorkspaceBytes(
+        n // groups, h, w, c, epsilon, mode, _is_bfloat16(dtype)
+    )
     if size < 0:
-        raise OnednnUnavailable(f"oneDNN has no batch norm in mode {mode} for {x_shape}")
+        raise OnednnUnavailable(f"oneDNN has no {dtype} batch norm in mode {mode} for {x_shape}")
     return size
 
 
 def _norm_forward(x, scale, bias, add, groups, epsilon, relu):
     mode = ADD_RELU if add is not None else RELU if relu else PLAIN
     if add is None:
-        add = jnp.zeros((0,), np.float32)  # the call's addend slot, empty
-    x, scale, bias, add = _norm_operands(x, scale, bias, add)
+        add = jnp.zeros((0,), x.dtype)  # the call's addend slot, empty
+    x, add, scale, bias = _norm_operands((x, add), (scale, bias))
     stats = _typed(x, (groups, x.shape[-1]))
     # An output XLA allocates (and frees) with the step's buffers; nothing reads it.
-    size = groups * _workspace_bytes(x.shape, groups, epsilon, mode)
-    workspace = jax.typeof(x).update(shape=(size,), dtype=np.dtype(np.uint8))
+    size = groups * _workspace_bytes(x.shape, x.dtype, groups, epsilon, mode)
+    workspace = _typed(x, (size,), np.uint8)
     call = jax.ffi.ffi_call(
         _name("norm_forward"),
-        (_typed(x, x.shape), stats, stats, workspace),
+        (_typed(x, x.shape, x.dtype), stats, stats, workspace),
         vmap_method="sequential",
     )
     y, mean, var, _ = call(x, scale, bias, add, groups=np.int64(groups),
@@ -403,12 +435,12 @@ def _batch_norm_bwd(groups, epsilon, relu, residuals, cotangents):
     dy = cotangents[0]  # the statistics' cotangents are zero: batch_norm stops their gradient
     if y is not None:
         dy = jnp.where(y > 0, dy, 0)  # jax.nn.relu's gradient: 0 where the input was <= 0
-    x, dy, scale, stats = _norm_operands(x, dy, scale, stats)
+    x, dy, scale, stats = _norm_operands((x, dy), (scale, stats))
     param = _typed(x, scale.shape)
     # dx overwrites dy (oneDNN's backward runs in place) unless the addend's gradient needs it.
     call = jax.ffi.ffi_call(
         _name("norm_backward"),
-        (_typed(x, x.shape), param, param),
+        (_typed(x, x.shape, x.dtype), param, param),
         vmap_method="sequential",
         input_output_aliases=None if added else {1: 0},
     )
@@ -421,13 +453,14 @@ _batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
 def batch_norm(x, scale, bias, groups: int, epsilon: float, relu: bool = False, add=None):
-    """oneDNN's training-mode batch norm of NHWC float32 `x` over `groups` groups of images.
+    """oneDNN's training-mode batch norm of NHWC `x` over `groups` groups of images.
 
-    Returns (y, mean, var): the output, and each group's mean and biased variance as
-    (groups, channels) arrays. With `relu` the output is ReLU'd in the same pass; with `add`
-    (x-shaped) it is relu(batch_norm(x) + add), a residual block's end. The output is
-    differentiable in x, scale, bias and add (oneDNN's backward primitive); the statistics are
-    returned under stop_gradient, for the running averages.
+    `x` (and `add`) float32 or bfloat16, `scale` and `bias` float32; oneDNN computes in float32
+    and writes the output in x's dtype. Returns (y, mean, var): the output, and each group's
+    mean and biased variance as float32 (groups, channels) arrays. With `relu` the output is
+    ReLU'd in the same pass; with `add` (x-shaped) it is relu(batch_norm(x) + add), a residual
+    block's end. The output is differentiable in x, scale, bias and add (oneDNN's backward
+    primitive); the statistics are returned under stop_gradient, for the running averages.
     """
     y, mean, var = _batch_norm(x, scale, bias, add, groups, epsilon, bool(relu))
     return y, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
@@ -435,25 +468,27 @@ def batch_norm(x, scale, bias, groups: int, epsilon: float, relu: bool = False, 
 
 def _pool_forward(x, window, strides, padding):
     require()
-    if x.dtype != np.float32:
-        raise TypeError(f"the onednn max pool runs float32 only, got {x.dtype}")
+    _check_dtypes("max pool", x)
     n, h, w, c = x.shape
     shape = output_shape(x.shape, (window, window, c, c), strides, padding)
-    size = _library.ResnextOnednnPoolWorkspaceBytes(n, h, w, c, window, strides, padding)
+    size = _library.ResnextOnednnPoolWorkspaceBytes(
+        n, h, w, c, window, strides, padding, _is_bfloat16(x.dtype)
+    )
     if size < 0:
-        raise OnednnUnavailable(f"oneDNN has no max pooling for {x.shape}")
-    workspace = jax.typeof(x).update(shape=(size,), dtype=np.dtype(np.uint8))
+        raise OnednnUnavailable(f"oneDNN has no {x.dtype} max pooling for {x.shape}")
+    workspace = _typed(x, (size,), np.uint8)
     call = jax.ffi.ffi_call(
-        _name("pool_forward"), (_typed(x, shape), workspace), vmap_method="sequential"
+        _name("pool_forward"), (_typed(x, shape, x.dtype), workspace), vmap_method="sequential"
     )
     return call(x, window=np.int64(window), stride=np.int64(strides), padding=np.int64(padding))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def max_pool(x, window: int, strides: int, padding: int):
-    """oneDNN's max pooling of NHWC float32 `x`: square `window`, symmetric `padding` that
-    never wins. Its gradient goes to the maximum oneDNN recorded in each window; where a
-    window holds equal maxima that may be another one than XLA's select-and-scatter picks."""
+    """oneDNN's max pooling of NHWC `x` (float32 or bfloat16): square `window`, symmetric
+    `padding` that never wins. Its gradient goes to the maximum oneDNN recorded in each window;
+    where a window holds equal maxima that may be another one than XLA's select-and-scatter
+    picks."""
     return _pool_forward(x, window, strides, padding)[0]
 
 
@@ -466,7 +501,8 @@ def _max_pool_fwd(x, window, strides, padding):
 def _max_pool_bwd(window, strides, padding, residuals, dy):
     workspace, x = residuals
     workspace = parallel.vary_like(workspace, dy)
-    call = jax.ffi.ffi_call(_name("pool_backward"), _typed(dy, x.shape), vmap_method="sequential")
+    result = _typed(dy, x.shape, dy.dtype)
+    call = jax.ffi.ffi_call(_name("pool_backward"), result, vmap_method="sequential")
     dx = call(dy, workspace, window=np.int64(window), stride=np.int64(strides),
               padding=np.int64(padding))  # fmt: skip
     return (dx,)

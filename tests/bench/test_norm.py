@@ -1,3 +1,4 @@
+import jax.numpy as jnp
 import pytest
 
 from resnext_jax.bench import norm
@@ -17,3 +18,9 @@ def test_a_row_marks_autos_pick():
     assert one_group.startswith("| 4x5x5x8 | 1 |") and "(auto)" in one_group.split("|")[4]
     two_groups = norm.bench_shape("4x5x5x8:g2", reps=1)
     assert "(auto)" in two_groups.split("|")[3]
+
+
+@pytest.mark.skipif(not onednn.available(), reason="oneDNN path not built here")
+def test_bfloat16_rows_pick_onednn_at_any_number_of_groups():
+    two_groups = norm.bench_shape("4x5x5x8:g2", reps=1, dtype=jnp.bfloat16)
+    assert two_groups.startswith("| 4x5x5x8:g2 | 2 |") and "(auto)" in two_groups.split("|")[4]

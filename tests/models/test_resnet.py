@@ -318,6 +318,10 @@ def test_block_input_perturbations_give_the_gradient_at_each_block_input(tiny_ba
         np.testing.assert_allclose(grads[f"{name}_input"], expected, rtol=1e-5, atol=1e-7)
 
 
+def _relative_error(got, want) -> float:
+    return float(jnp.linalg.norm((got - want).ravel()) / jnp.linalg.norm(want.ravel()))
+
+
 needs_onednn_cpu = pytest.mark.skipif(
     not onednn_on_this_backend(), reason="oneDNN's kernels run on CPU where they are built"
 )
@@ -327,19 +331,24 @@ needs_onednn_cpu = pytest.mark.skipif(
 @pytest.mark.parametrize(
     "variant,dtype",
     [("grouped", "float32"), ("plain", "float32"), ("grouped", "bfloat16"),
+     ("imagenet_stem", "bfloat16"),
      pytest.param("bottleneck", "float32", marks=pytest.mark.slow),
      pytest.param("basic", "float32", marks=pytest.mark.slow)],
 )  # fmt: skip
 def test_onednn_layers_match_xla_in_training(variant, dtype, tiny_batch):
-    """`auto` (oneDNN convs and batch norms with their ReLUs and residual adds) against
-    `xla_auto` (XLA alone): logits, loss gradients and the new running statistics, with BN
-    over groups of 2 images."""
+    """`auto` (oneDNN convs and batch norms with their ReLUs and residual adds, the ImageNet
+    stem's max pool) against `xla_auto` (XLA alone): logits, loss gradients and the new running
+    statistics, with BN over groups of 2 images (the ImageNet stem: 4 images at 64 px, so that
+    its last stage's statistics come from more than 2 numbers each)."""
     kwargs = dict(TINY[variant])
     name = kwargs.pop("name")
+    group = 2
+    if variant == "imagenet_stem":
+        tiny_batch, group = jax.random.normal(jax.random.key(1), (4, 64, 64, 3)), 4
     results = {}
     runs = [("auto", dtype), ("xla_auto", dtype)] + [("xla_auto", "float32")] * (dtype != "float32")
     for impl, compute in runs:
-        model = build_model(name, conv_impl=impl, dtype=compute, bn_group_size=2, **kwargs)
+        model = build_model(name, conv_impl=impl, dtype=compute, bn_group_size=group, **kwargs)
         variables = init(model, tiny_batch)
         (_, (logits, new)), grads = _loss(model, variables, tiny_batch, jnp.arange(4), True)
         results[impl, compute] = jax.tree.leaves((logits, grads, new["batch_stats"]))
@@ -348,10 +357,14 @@ def test_onednn_layers_match_xla_in_training(variant, dtype, tiny_batch):
         if dtype == "float32":
             scale = float(jnp.abs(want).max())
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * scale)
-        else:  # rounding differs between the two: auto's error is no larger than XLA's own
-            error = float(jnp.abs(got - want).max())
-            xla_error = float(jnp.abs(results["xla_auto", dtype][i] - want).max())
-            assert error <= 2 * xla_error + 1e-2 * float(jnp.abs(want).max()), (i, error, xla_error)
+        else:
+            # Each layer matches XLA's bfloat16 layer to a rounding (tests/ops/test_onednn.py),
+            # but across a tiny model whose batch norms see a few numbers each, roundings
+            # that differ grow to tens of percent of a gradient, for XLA's own bfloat16 too:
+            # auto's distance from float32 is held to XLA's.
+            error = _relative_error(got, want)
+            xla_error = _relative_error(results["xla_auto", dtype][i], want)
+            assert error <= 2 * xla_error + 0.1, (i, error, xla_error)
 
 
 def test_relu_has_jax_nn_relus_gradient_bit_for_bit():

@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import flax.linen as nn
@@ -219,8 +220,56 @@ def test_the_custom_calls_check_their_shapes_and_dtype():
         )
     with pytest.raises(Exception, match="kernel does not match the groups"):
         jax.block_until_ready(onednn.forward(x, kernel, 1, 1, 2))
-    with pytest.raises(TypeError, match="float32"):
+    with pytest.raises(TypeError, match="float32 or bfloat16.*got bfloat16 and float32"):
         onednn.forward(x.astype(jnp.bfloat16), kernel, 1, 1, 4)
+    with pytest.raises(TypeError, match="float32 or bfloat16.*got float16"):
+        onednn.forward(x.astype(jnp.float16), kernel.astype(jnp.float16), 1, 1, 4)
+    mixed = jax.ffi.ffi_call(
+        onednn._name("conv_forward"), jax.ShapeDtypeStruct((2, 8, 8, 16), "f4")
+    )
+    with pytest.raises(Exception, match="all float32 or all bfloat16"):
+        y = mixed(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16),
+                  stride=np.int64(1), padding=np.int64(1), groups=np.int64(4))  # fmt: skip
+        jax.block_until_ready(y)
+
+
+def _ulps_apart(got, want):
+    """The largest difference between bfloat16 arrays, in units of the last place at the
+    largest magnitude of `want` (2**-8 of its binade)."""
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    ulp = 2.0 ** (np.floor(np.log2(np.abs(want).max())) - 7)
+    return float(np.abs(got - want).max() / ulp)
+
+
+@needs_onednn
+@pytest.mark.parametrize(
+    "x_shape,kernel_shape,strides,groups",
+    [((4, 10, 10, 64), (3, 3, 2, 64), 1, 32),  # ResNeXt's grouped 3x3
+     ((4, 10, 10, 64), (1, 1, 64, 128), 2, 1),  # a strided projection
+     ((2, 20, 20, 3), (7, 7, 3, 16), 2, 1),  # the stem
+     ((2, 9, 9, 64), (3, 3, 16, 64), 2, 4)],
+)  # fmt: skip
+def test_bfloat16_convs_run_as_bfloat16_and_match_xla(x_shape, kernel_shape, strides, groups):
+    """No cast to float32 around the calls, and XLA's bfloat16 conv's results: both multiply
+    bfloat16 exactly and sum in float32, so only the summation order may differ."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], x_shape).astype(jnp.bfloat16)
+    kernel = (jax.random.normal(keys[1], kernel_shape) * 0.1).astype(jnp.bfloat16)
+    padding = kernel_shape[0] // 2
+
+    def run(impl):
+        y, vjp = jax.vjp(lambda x, k: impl(x, k, strides, padding, groups), x, kernel)
+        return (y, *vjp(jax.random.normal(keys[2], y.shape).astype(jnp.bfloat16)))
+
+    def loss(x, k):
+        return jnp.sum(onednn.grouped_conv(x, k, strides, padding, groups))
+
+    hlo = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(x, kernel).as_text()
+    calls = [line for line in hlo.splitlines() if "custom_call @resnext_onednn_conv" in line]
+    assert len(calls) == 3 and not any("f32" in line for line in calls), calls
+    for got, want in zip(run(onednn.grouped_conv), run(conv.xla_convs.native), strict=True):
+        assert got.dtype == want.dtype == jnp.bfloat16
+        assert _ulps_apart(got, want) <= 2
 
 
 @needs_onednn
@@ -351,24 +400,75 @@ def test_batch_norm_checks_its_groups_and_dtype():
     x, ones = jnp.ones((6, 2, 2, 4)), jnp.ones(4)
     with pytest.raises(Exception, match="groups must divide n"):
         jax.block_until_ready(onednn.batch_norm(x, ones, ones, 4, 1e-5))
-    with pytest.raises(TypeError, match="float32"):
-        onednn.batch_norm(x.astype(jnp.bfloat16), ones, ones, 2, 1e-5)
+    with pytest.raises(TypeError, match="float32 or bfloat16.*got float16"):
+        onednn.batch_norm(x.astype(jnp.float16), ones, ones, 2, 1e-5)
+    with pytest.raises(TypeError, match="scale, bias and statistics are float32"):
+        onednn.batch_norm(x.astype(jnp.bfloat16), ones.astype(jnp.bfloat16), ones, 2, 1e-5)
+    with pytest.raises(TypeError, match="got bfloat16 and float32"):
+        onednn.batch_norm(x.astype(jnp.bfloat16), ones, ones, 2, 1e-5, relu=True, add=x)
+
+
+@needs_onednn
+@pytest.mark.parametrize("mode", ["plain", "relu", "add_relu"])
+def test_bfloat16_batch_norm_matches_float32_on_the_same_inputs(mode):
+    """bfloat16 activations in and out, float32 statistics and parameter gradients: what the
+    float32 formulation gives on the same (bfloat16) inputs, up to the output's rounding."""
+    keys = jax.random.split(jax.random.key(1), 5)
+    shape, groups = (6, 5, 7, 16), 3
+    bf = jnp.bfloat16
+    x = (jax.random.normal(keys[0], shape) * 3 + 2).astype(bf)
+    scale = jax.random.normal(keys[1], shape[-1:])
+    bias = jax.random.normal(keys[2], shape[-1:])
+    dy = jax.random.normal(keys[3], shape).astype(bf)
+    add = jax.random.normal(keys[4], shape).astype(bf) if mode == "add_relu" else None
+    relu = mode != "plain"
+
+    def run(norm, x, add, dy):
+        def forward(x, scale, bias, add):
+            return norm(x, scale, bias, groups, 1e-5, relu=relu, add=add)
+
+        outs, vjp = jax.vjp(forward, x, scale, bias, add)
+        grads = vjp((dy, jnp.zeros_like(outs[1]), jnp.zeros_like(outs[2])))
+        return (*outs, *grads)
+
+    got = jax.jit(partial(run, onednn.batch_norm))(x, add, dy)
+    f32 = lambda a: None if a is None else a.astype(jnp.float32)  # noqa: E731
+    want = jax.jit(partial(run, _xla_batch_norm))(f32(x), f32(add), f32(dy))
+    names = ("y", "mean", "var", "dx", "dscale", "dbias", "dadd")
+    for name, g, w in zip(names, got, want, strict=True):
+        if w is None:
+            assert g is None, name
+            continue
+        bf16_out = name in ("y", "dx", "dadd")
+        assert g.dtype == (bf if bf16_out else jnp.float32), name
+        tol = 2.0**-7 if bf16_out else 1e-4  # one bfloat16 rounding of the output
+        np.testing.assert_allclose(f32(g), w, rtol=tol, atol=tol * float(jnp.abs(w).max()),
+                                   err_msg=name)  # fmt: skip
 
 
 @needs_onednn
 @pytest.mark.parametrize("shape", [(2, 9, 11, 5), (3, 8, 8, 16)])
-def test_max_pool_matches_flax(shape):
-    """Continuous random inputs have no tied maxima, so the gradients agree too."""
-    x = jax.random.normal(jax.random.key(0), shape)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_max_pool_matches_flax(shape, dtype):
+    """Distinct inputs (no tied maxima, so the gradients agree too): shuffled bfloat16 bit
+    patterns from 1.0 up, exact in either dtype."""
+    bits = jax.random.permutation(jax.random.key(0), np.prod(shape)) + 0x3F80
+    x = jax.lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.bfloat16)
+    x = x.reshape(shape).astype(dtype)
 
     def grads(pool):
         y, vjp = jax.vjp(pool, x)
-        return y, vjp(jnp.sin(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape))[0]
+        dy = jnp.sin(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)
+        return y, vjp(dy.astype(dtype))[0]
 
     want = grads(lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))))
     got = grads(lambda x: onednn.max_pool(x, 3, 2, 1))
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape and g.dtype == w.dtype
-        np.testing.assert_allclose(g, w, atol=1e-6)
-    with pytest.raises(TypeError, match="float32"):
-        onednn.max_pool(x.astype(jnp.bfloat16), 3, 2, 1)
+    np.testing.assert_array_equal(got[0], want[0])
+    # Where windows overlap, an input's gradient sums up to 4 output gradients: in bfloat16
+    # the two round those sums differently.
+    tol = 2.0**-5 if dtype == "bfloat16" else 1e-6
+    np.testing.assert_allclose(got[1].astype(np.float32), want[1].astype(np.float32), atol=tol)
+    with pytest.raises(TypeError, match="float32 or bfloat16.*got float16"):
+        onednn.max_pool(x.astype(jnp.float16), 3, 2, 1)

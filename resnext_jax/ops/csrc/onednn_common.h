@@ -1,8 +1,11 @@
-// What the oneDNN FFI handlers of this directory share: one CPU engine, shape errors, a
-// guard that turns exceptions into FFI errors, and per-call scratchpads.
+// What the oneDNN FFI handlers of this directory share: one CPU engine, the activations'
+// data types, shape errors, a guard that turns exceptions into FFI errors, and per-call
+// scratchpads.
 #pragma once
 
+#include <cstdint>
 #include <cstdlib>
+#include <initializer_list>
 #include <exception>
 #include <map>
 #include <memory>
@@ -23,6 +26,9 @@ namespace resnext_onednn {
 using dnnl::memory;
 using Tag = memory::format_tag;
 using F32 = ffi::Buffer<ffi::F32>;
+// Activations and conv kernels: float32 or bfloat16, the same type for a call's every one.
+using Data = ffi::AnyBuffer;
+using DataResult = ffi::Result<ffi::AnyBuffer>;
 
 inline dnnl::engine& Engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
@@ -31,6 +37,34 @@ inline dnnl::engine& Engine() {
 
 inline ffi::Unexpected<ffi::Error> Invalid(const char* message) {
   return ffi::Unexpected(ffi::Error::InvalidArgument(message));
+}
+
+// oneDNN's type for activations of XLA type `type`: f32 or bf16 (oneDNN runs bf16 on
+// AVX512-BF16 and AMX where the CPU has them, and emulates it on other AVX-512 CPUs); false
+// for any other type.
+inline bool DataType(ffi::DataType type, memory::data_type* out) {
+  if (type == ffi::DataType::F32) {
+    *out = memory::data_type::f32;
+  } else if (type == ffi::DataType::BF16) {
+    *out = memory::data_type::bf16;
+  } else {
+    return false;
+  }
+  return true;
+}
+
+// The oneDNN type shared by `buffers` (one f32 or bf16 type); false if they differ or if it is
+// another type.
+inline bool SharedDataType(std::initializer_list<const Data*> buffers, memory::data_type* out) {
+  const ffi::DataType type = (*buffers.begin())->element_type();
+  for (const Data* b : buffers)
+    if (b->element_type() != type) return false;
+  return DataType(type, out);
+}
+
+// `base` advanced by `elements` elements of `type`.
+inline void* Advance(void* base, int64_t elements, memory::data_type type) {
+  return static_cast<char*>(base) + elements * static_cast<int64_t>(memory::data_type_size(type));
 }
 
 // Runs `body` and turns any exception into an FFI error whose message starts with `what`.

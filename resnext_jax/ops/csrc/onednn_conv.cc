@@ -6,7 +6,8 @@
 // flax's `nn.Conv(feature_group_count=groups)` stores, with output channel g*(out/groups)+o
 // in group g. oneDNN reads the activations in place (format tag nhwc) and the kernel through
 // a strided descriptor, reordered into whatever layout the chosen primitive prefers.
-// Square kernels are not assumed; padding is symmetric, dilation 1, float32 only.
+// Square kernels are not assumed; padding is symmetric, dilation 1. Activations, kernel and
+// gradients are all float32 or all bfloat16; oneDNN accumulates bfloat16 in float32.
 
 #include <cstdint>
 #include <tuple>
@@ -16,26 +17,27 @@
 namespace resnext_onednn {
 namespace {
 
-// One conv problem: activations n x h x w x c in, n x ho x wo x out out, kh x kw kernel.
+// One conv problem: activations n x h x w x c in, n x ho x wo x out out, kh x kw kernel, all
+// of type dt.
 struct Problem {
   int64_t n, h, w, c, out, kh, kw, stride, pad, groups;
+  memory::data_type dt;
   int64_t ho() const { return (h + 2 * pad - kh) / stride + 1; }
   int64_t wo() const { return (w + 2 * pad - kw) / stride + 1; }
-  auto key() const { return std::tie(n, h, w, c, out, kh, kw, stride, pad, groups); }
+  auto key() const { return std::tie(n, h, w, c, out, kh, kw, stride, pad, groups, dt); }
   bool operator<(const Problem& o) const { return key() < o.key(); }
 
-  memory::desc src() const { return {{n, c, h, w}, memory::data_type::f32, Tag::nhwc}; }
-  memory::desc dst() const { return {{n, out, ho(), wo()}, memory::data_type::f32, Tag::nhwc}; }
+  memory::desc src() const { return {{n, c, h, w}, dt, Tag::nhwc}; }
+  memory::desc dst() const { return {{n, out, ho(), wo()}, dt, Tag::nhwc}; }
   memory::dims kernel_dims() const { return {groups, out / groups, c / groups, kh, kw}; }
   // The flax kernel (kh, kw, in/groups, out) seen as oneDNN's (groups, out/groups, in/groups,
   // kh, kw).
   memory::desc user_kernel() const {
     const int64_t gi = c / groups;
-    return {kernel_dims(), memory::data_type::f32,
-            memory::dims{out / groups, 1, out, kw * gi * out, gi * out}};
+    return {kernel_dims(), dt, memory::dims{out / groups, 1, out, kw * gi * out, gi * out}};
   }
   memory::desc any_kernel() const {
-    return {kernel_dims(), memory::data_type::f32, Tag::any};
+    return {kernel_dims(), dt, Tag::any};
   }
   memory::dims strides() const { return {stride, stride}; }
   memory::dims pads() const { return {pad, pad}; }
@@ -73,13 +75,17 @@ struct Primitives {
 
 Primitives& Get(const Problem& p) { return Cached<Primitives>(p); }
 
-// The problem from the activations and kernel shapes, checked against the output's.
-ffi::ErrorOr<Problem> MakeProblem(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k,
-                                  ffi::Span<const int64_t> y, int64_t stride, int64_t pad,
-                                  int64_t groups) {
+// The problem from the activations and kernel (their shapes and type), checked against the
+// output's.
+ffi::ErrorOr<Problem> MakeProblem(const Data& xb, const Data& kb, const Data& yb, int64_t stride,
+                                  int64_t pad, int64_t groups) {
+  const auto x = xb.dimensions(), k = kb.dimensions(), y = yb.dimensions();
   if (x.size() != 4 || k.size() != 4 || y.size() != 4)
     return Invalid("onednn conv: activations and kernel must be 4-D");
-  Problem p{x[0], x[1], x[2], x[3], k[3], k[0], k[1], stride, pad, groups};
+  memory::data_type dt;
+  if (!SharedDataType({&xb, &kb, &yb}, &dt))
+    return Invalid("onednn conv: operands and result must be all float32 or all bfloat16");
+  Problem p{x[0], x[1], x[2], x[3], k[3], k[0], k[1], stride, pad, groups, dt};
   if (groups < 1 || p.c % groups || p.out % groups || k[2] * groups != p.c)
     return Invalid("onednn conv: kernel does not match the groups");
   if (stride < 1 || pad < 0 || p.ho() < 1 || p.wo() < 1 || y[0] != p.n || y[1] != p.ho() ||
@@ -97,10 +103,9 @@ memory KernelFor(const Problem& p, const memory::desc& want, void* data, dnnl::s
   return kernel;
 }
 
-ffi::Error Forward(F32 x, F32 kernel, ffi::ResultBuffer<ffi::F32> y, int64_t stride,
-                   int64_t padding, int64_t groups) {
-  auto p = MakeProblem(x.dimensions(), kernel.dimensions(), y->dimensions(), stride, padding,
-                       groups);
+ffi::Error Forward(Data x, Data kernel, DataResult y, int64_t stride, int64_t padding,
+                   int64_t groups) {
+  auto p = MakeProblem(x, kernel, *y, stride, padding, groups);
   if (p.has_error()) return p.error();
   return Guard("onednn conv", [&] {
     auto& prims = Get(*p);
@@ -116,10 +121,9 @@ ffi::Error Forward(F32 x, F32 kernel, ffi::ResultBuffer<ffi::F32> y, int64_t str
   });
 }
 
-ffi::Error InputGrad(F32 dy, F32 kernel, ffi::ResultBuffer<ffi::F32> dx, int64_t stride,
-                     int64_t padding, int64_t groups) {
-  auto p = MakeProblem(dx->dimensions(), kernel.dimensions(), dy.dimensions(), stride, padding,
-                       groups);
+ffi::Error InputGrad(Data dy, Data kernel, DataResult dx, int64_t stride, int64_t padding,
+                     int64_t groups) {
+  auto p = MakeProblem(*dx, kernel, dy, stride, padding, groups);
   if (p.has_error()) return p.error();
   return Guard("onednn conv", [&] {
     auto& prims = Get(*p);
@@ -135,10 +139,9 @@ ffi::Error InputGrad(F32 dy, F32 kernel, ffi::ResultBuffer<ffi::F32> dx, int64_t
   });
 }
 
-ffi::Error KernelGrad(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dk, int64_t stride,
-                      int64_t padding, int64_t groups) {
-  auto p = MakeProblem(x.dimensions(), dk->dimensions(), dy.dimensions(), stride, padding,
-                       groups);
+ffi::Error KernelGrad(Data x, Data dy, DataResult dk, int64_t stride, int64_t padding,
+                      int64_t groups) {
+  auto p = MakeProblem(x, *dk, dy, stride, padding, groups);
   if (p.has_error()) return p.error();
   return Guard("onednn conv", [&] {
     auto& prims = Get(*p);
@@ -164,19 +167,19 @@ EXPORT XLA_FFI_Error* ResnextOnednnConvForward(XLA_FFI_CallFrame*);
 EXPORT XLA_FFI_Error* ResnextOnednnConvInputGrad(XLA_FFI_CallFrame*);
 EXPORT XLA_FFI_Error* ResnextOnednnConvKernelGrad(XLA_FFI_CallFrame*);
 
-using resnext_onednn::F32;
+using resnext_onednn::Data;
 
 #define CONV_ATTRS Attr<int64_t>("stride").Attr<int64_t>("padding").Attr<int64_t>("groups")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     ResnextOnednnConvForward, resnext_onednn::Forward,
-    ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>().CONV_ATTRS);
+    ffi::Ffi::Bind().Arg<Data>().Arg<Data>().Ret<Data>().CONV_ATTRS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     ResnextOnednnConvInputGrad, resnext_onednn::InputGrad,
-    ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>().CONV_ATTRS);
+    ffi::Ffi::Bind().Arg<Data>().Arg<Data>().Ret<Data>().CONV_ATTRS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     ResnextOnednnConvKernelGrad, resnext_onednn::KernelGrad,
-    ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>().CONV_ATTRS);
+    ffi::Ffi::Bind().Arg<Data>().Arg<Data>().Ret<Data>().CONV_ATTRS);
 
 // For the Python side's sanity check: the oneDNN version this file was built against.
 EXPORT int ResnextOnednnVersion() {

@@ -5,7 +5,9 @@
 // apply a ReLU to its output in the same pass, or add another tensor (a block's shortcut) and
 // then apply the ReLU.
 //
-// Activations are NHWC float32, read in place (format tag nhwc). The n images form `groups`
+// Activations are NHWC, read in place (format tag nhwc), float32 or bfloat16 (all of a call's
+// activations and their gradients alike); scale, shift, statistics and their gradients are
+// float32 either way, and oneDNN computes in float32. The n images form `groups`
 // consecutive groups of n/groups images; each group is normalized with its own statistics,
 // which is how resnext_jax.models.resnet.BatchNorm splits a batch. oneDNN's variance is the
 // biased one, E[(x - mean)^2].
@@ -24,13 +26,14 @@ namespace {
 
 using Flags = dnnl::normalization_flags;
 
-// One group's problem: n x h x w x c images, and epsilon.
+// One group's problem: n x h x w x c images of type dt, and epsilon.
 struct NormProblem {
   int64_t n, h, w, c;
   float epsilon;
-  auto key() const { return std::tie(n, h, w, c, epsilon); }
+  memory::data_type dt;
+  auto key() const { return std::tie(n, h, w, c, epsilon, dt); }
   bool operator<(const NormProblem& o) const { return key() < o.key(); }
-  memory::desc data() const { return {{n, c, h, w}, memory::data_type::f32, Tag::nhwc}; }
+  memory::desc data() const { return {{n, c, h, w}, dt, Tag::nhwc}; }
   memory::desc channels() const { return {{c}, memory::data_type::f32, Tag::a}; }
 };
 
@@ -56,7 +59,7 @@ struct NormPrimitives {
     auto& engine = Engine();
     const dnnl::primitive_attr attr = UserScratchpad();
     const auto flags = Flags::use_scale | Flags::use_shift;
-    // oneDNN's CPU batch norm has no fused add-and-ReLU (fuse_norm_add_relu) for NHWC float32:
+    // oneDNN's CPU batch norm has no fused add-and-ReLU (fuse_norm_add_relu) for NHWC:
     // that mode runs the plain forward, then a binary add with a ReLU post-op, in place.
     const Flags extra[kModes] = {Flags::none, Flags::fuse_norm_relu, Flags::none};
     for (int m = 0; m < kModes; ++m) {
@@ -88,13 +91,18 @@ bool SameShape(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
   return true;
 }
 
-// The per-group problem from the activations' shape, checked against the other buffers'.
-ffi::ErrorOr<NormProblem> MakeNormProblem(ffi::Span<const int64_t> x, int64_t groups,
+// The per-group problem from the activations (`data`: the call's activation-typed buffers,
+// the input first), checked against the other buffers' shapes.
+ffi::ErrorOr<NormProblem> MakeNormProblem(std::initializer_list<const Data*> data, int64_t groups,
                                           float epsilon, std::initializer_list<size_t> vec,
                                           std::initializer_list<ffi::Span<const int64_t>> stats) {
+  const auto x = (*data.begin())->dimensions();
   if (x.size() != 4) return Invalid("onednn batch norm: activations must be NHWC");
   if (groups < 1 || x[0] % groups) return Invalid("onednn batch norm: groups must divide n");
-  NormProblem p{x[0] / groups, x[1], x[2], x[3], epsilon};
+  memory::data_type dt;
+  if (!SharedDataType(data, &dt))
+    return Invalid("onednn batch norm: activations must be all float32 or all bfloat16");
+  NormProblem p{x[0] / groups, x[1], x[2], x[3], epsilon, dt};
   for (size_t size : vec)
     if (static_cast<int64_t>(size) != p.c) return Invalid("onednn batch norm: scale and shift must have c entries");
   for (auto s : stats)
@@ -104,7 +112,7 @@ ffi::ErrorOr<NormProblem> MakeNormProblem(ffi::Span<const int64_t> x, int64_t gr
 }
 
 // `addend` is x-shaped in kAddRelu mode and empty otherwise.
-ffi::Error NormForward(F32 x, F32 scale, F32 shift, F32 addend, ffi::ResultBuffer<ffi::F32> y,
+ffi::Error NormForward(Data x, F32 scale, F32 shift, Data addend, DataResult y,
                        ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> var,
                        ffi::ResultBuffer<ffi::U8> workspace, int64_t groups, float epsilon,
                        int64_t mode) {
@@ -113,9 +121,12 @@ ffi::Error NormForward(F32 x, F32 scale, F32 shift, F32 addend, ffi::ResultBuffe
     return ffi::Error::InvalidArgument("onednn batch norm: the addend must be shaped like x");
   if (!SameShape(y->dimensions(), x.dimensions()))
     return ffi::Error::InvalidArgument("onednn batch norm: output shape differs from the input's");
-  auto p = MakeNormProblem(x.dimensions(), groups, epsilon,
-                           {scale.element_count(), shift.element_count()},
-                           {mean->dimensions(), var->dimensions()});
+  auto p = mode == kAddRelu ? MakeNormProblem({&x, &(*y), &addend}, groups, epsilon,
+                                              {scale.element_count(), shift.element_count()},
+                                              {mean->dimensions(), var->dimensions()})
+                            : MakeNormProblem({&x, &(*y)}, groups, epsilon,
+                                              {scale.element_count(), shift.element_count()},
+                                              {mean->dimensions(), var->dimensions()});
   if (p.has_error()) return p.error();
   return Guard("onednn batch norm", [&] {
     auto& prims = GetNorm(*p);
@@ -124,6 +135,9 @@ ffi::Error NormForward(F32 x, F32 scale, F32 shift, F32 addend, ffi::ResultBuffe
     dnnl::stream s(Engine());
     const auto data = p->data(), channels = p->channels();
     const int64_t c = p->c, step = p->n * p->h * p->w * c;
+    const auto at = [&](const Data& b, int64_t g) {  // group g of an activation buffer
+      return Advance(b.untyped_data(), g * step, p->dt);
+    };
     memory scale_m(channels, Engine(), scale.untyped_data());
     memory shift_m(channels, Engine(), shift.untyped_data());
     memory scratch = Scratch(pd);
@@ -133,8 +147,8 @@ ffi::Error NormForward(F32 x, F32 scale, F32 shift, F32 addend, ffi::ResultBuffe
       throw std::invalid_argument("the workspace buffer has the wrong size");
     for (int64_t g = 0; g < groups; ++g) {
       std::unordered_map<int, memory> args{
-          {DNNL_ARG_SRC, memory(data, Engine(), x.typed_data() + g * step)},
-          {DNNL_ARG_DST, memory(data, Engine(), y->typed_data() + g * step)},
+          {DNNL_ARG_SRC, memory(data, Engine(), at(x, g))},
+          {DNNL_ARG_DST, memory(data, Engine(), at(*y, g))},
           {DNNL_ARG_SCALE, scale_m},
           {DNNL_ARG_SHIFT, shift_m},
           {DNNL_ARG_MEAN, memory(channels, Engine(), mean->typed_data() + g * c)},
@@ -145,10 +159,10 @@ ffi::Error NormForward(F32 x, F32 scale, F32 shift, F32 addend, ffi::ResultBuffe
                      memory(ws_desc, Engine(), workspace->typed_data() + g * ws_bytes)});
       fwd.execute(s, args);
       if (mode == kAddRelu) {
-        memory out(data, Engine(), y->typed_data() + g * step);
+        memory out(data, Engine(), at(*y, g));
         prims.add_relu.execute(
             s, {{DNNL_ARG_SRC_0, out},
-                {DNNL_ARG_SRC_1, memory(data, Engine(), addend.typed_data() + g * step)},
+                {DNNL_ARG_SRC_1, memory(data, Engine(), at(addend, g))},
                 {DNNL_ARG_DST, out},
                 {DNNL_ARG_SCRATCHPAD, Scratch(prims.add_relu_pd, kSecondScratchpad)}});
       }
@@ -158,12 +172,12 @@ ffi::Error NormForward(F32 x, F32 scale, F32 shift, F32 addend, ffi::ResultBuffe
 }
 
 // `stats` holds the forward's means, then its variances: (2, groups, c).
-ffi::Error NormBackward(F32 x, F32 dy, F32 scale, F32 stats,
-                        ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dscale,
+ffi::Error NormBackward(Data x, Data dy, F32 scale, F32 stats, DataResult dx,
+                        ffi::ResultBuffer<ffi::F32> dscale,
                         ffi::ResultBuffer<ffi::F32> dshift, int64_t groups, float epsilon) {
   if (!SameShape(dy.dimensions(), x.dimensions()) || !SameShape(dx->dimensions(), x.dimensions()))
     return ffi::Error::InvalidArgument("onednn batch norm: gradient shapes differ from the input's");
-  auto p = MakeNormProblem(x.dimensions(), groups, epsilon,
+  auto p = MakeNormProblem({&x, &dy, &(*dx)}, groups, epsilon,
                            {scale.element_count(), dscale->element_count(),
                             dshift->element_count()},
                            {});
@@ -185,16 +199,19 @@ ffi::Error NormBackward(F32 x, F32 dy, F32 scale, F32 stats,
     float* dscale_out = dscale->typed_data();
     float* dshift_out = dshift->typed_data();
     const int64_t step = p->n * p->h * p->w * c;
+    const auto at = [&](const Data& b, int64_t g) {  // group g of an activation buffer
+      return Advance(b.untyped_data(), g * step, p->dt);
+    };
     for (int64_t g = 0; g < groups; ++g) {
       float* ds = g ? part.data() : dscale_out;
       float* db = g ? part.data() + c : dshift_out;
       prims.bwd.execute(
-          s, {{DNNL_ARG_SRC, memory(data, Engine(), x.typed_data() + g * step)},
-              {DNNL_ARG_DIFF_DST, memory(data, Engine(), dy.typed_data() + g * step)},
+          s, {{DNNL_ARG_SRC, memory(data, Engine(), at(x, g))},
+              {DNNL_ARG_DIFF_DST, memory(data, Engine(), at(dy, g))},
               {DNNL_ARG_MEAN, memory(channels, Engine(), const_cast<float*>(mean) + g * c)},
               {DNNL_ARG_VARIANCE, memory(channels, Engine(), const_cast<float*>(var) + g * c)},
               {DNNL_ARG_SCALE, scale_m},
-              {DNNL_ARG_DIFF_SRC, memory(data, Engine(), dx->typed_data() + g * step)},
+              {DNNL_ARG_DIFF_SRC, memory(data, Engine(), at(*dx, g))},
               {DNNL_ARG_DIFF_SCALE, memory(channels, Engine(), ds)},
               {DNNL_ARG_DIFF_SHIFT, memory(channels, Engine(), db)},
               {DNNL_ARG_SCRATCHPAD, scratch}});
@@ -216,17 +233,18 @@ ffi::Error NormBackward(F32 x, F32 dy, F32 scale, F32 stats,
 EXPORT XLA_FFI_Error* ResnextOnednnNormForward(XLA_FFI_CallFrame*);
 EXPORT XLA_FFI_Error* ResnextOnednnNormBackward(XLA_FFI_CallFrame*);
 
+using resnext_onednn::Data;
 using resnext_onednn::F32;
 
 #define NORM_ATTRS Attr<int64_t>("groups").Attr<float>("epsilon")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnextOnednnNormForward, resnext_onednn::NormForward,
                               ffi::Ffi::Bind()
+                                  .Arg<Data>()
                                   .Arg<F32>()
                                   .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Ret<F32>()
+                                  .Arg<Data>()
+                                  .Ret<Data>()
                                   .Ret<F32>()
                                   .Ret<F32>()
                                   .Ret<ffi::Buffer<ffi::U8>>()
@@ -234,22 +252,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnextOnednnNormForward, resnext_onednn::NormForw
                                   .Attr<int64_t>("mode"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnextOnednnNormBackward, resnext_onednn::NormBackward,
                               ffi::Ffi::Bind()
+                                  .Arg<Data>()
+                                  .Arg<Data>()
                                   .Arg<F32>()
                                   .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Ret<F32>()
+                                  .Ret<Data>()
                                   .Ret<F32>()
                                   .Ret<F32>()
                                   .NORM_ATTRS);
 
 // For the Python side, when it traces a forward: the bytes of one group's workspace in `mode`
-// (the forward's last output holds `groups` of them); -1 if oneDNN cannot build it.
+// (the forward's last output holds `groups` of them), for bfloat16 activations if `bfloat16`
+// is nonzero, else float32; -1 if oneDNN cannot build it.
 EXPORT int64_t ResnextOnednnNormWorkspaceBytes(int64_t n, int64_t h, int64_t w, int64_t c,
-                                               float epsilon, int64_t mode) {
+                                               float epsilon, int64_t mode, int64_t bfloat16) {
   try {
     if (mode < 0 || mode >= resnext_onednn::kModes) return -1;
-    return resnext_onednn::GetNorm({n, h, w, c, epsilon}).fwd_pd[mode].workspace_desc().get_size();
+    const auto dt = bfloat16 ? dnnl::memory::data_type::bf16 : dnnl::memory::data_type::f32;
+    return resnext_onednn::GetNorm({n, h, w, c, epsilon, dt})
+        .fwd_pd[mode]
+        .workspace_desc()
+        .get_size();
   } catch (...) {
     return -1;
   }

@@ -49,25 +49,50 @@ def get_config():
     # An undecodable image or a label out of range: "error" stops and names it; "skip" uses
     # the next good example in its place (README "Failure and recovery").
     config.dataset.bad_examples = "error"
+    # Modern recipes (README "Modern recipes"), all off by default. RandAugment: `n` ops per
+    # training image at magnitude `m` (0-10, timm's scale) with noise of std `mstd`; 0: off.
+    config.dataset.randaugment_n = 0
+    config.dataset.randaugment_m = 9.0
+    config.dataset.randaugment_mstd = 0.0
+    config.dataset.random_erasing = 0.0  # probability of erasing a random box of a train image
+    # Repeated augmentation: each image `k` times per global batch, differently augmented.
+    config.dataset.repeated_augmentation = 1
 
     # 256 images per step over 8 GPUs, 32 per GPU: model.bn_group_size keeps BN at 32 images.
     config.batch_size = 256  # global, over all devices and processes
     config.eval_batch_size = 256
     config.num_epochs = 100.0  # may be fractional (steps = round(epochs * steps per epoch))
 
-    config.optimizer = "sgd"
+    config.optimizer = "sgd"  # "sgd" (the paper's), "adamw" or "lamb"
     config.learning_rate = 0.1  # for every `lr_batch_size` images, scaled linearly
     config.lr_batch_size = 256
     config.momentum = 0.9
     config.nesterov = True  # fb.resnet.torch, which the paper's code builds on, uses Nesterov
+    config.adam_betas = (0.9, 0.999)  # adamw and lamb
+    config.adam_eps = 1e-8
+    # sgd: L2 added to the gradient (the paper's code); adamw and lamb: decoupled decay.
     config.weight_decay = 1e-4
     config.weight_decay_on = "all"  # "all" parameters (the paper's code) or "kernels" only
     config.lr_schedule = "step"  # "step" or "cosine"
     config.lr_drop_epochs = (30, 60, 90)
     config.lr_drop_factor = 0.1
+    config.lr_min = 0.0  # cosine: the floor the learning rate decays to
     config.warmup_epochs = 0.0
     config.label_smoothing = 0.0
     config.grad_clip_norm = 0.0  # 0: no clipping
+    # "softmax" cross-entropy, or "bce": binary cross-entropy on one-hot (or mixed) targets,
+    # each target set to 1 where it exceeds `bce_target_threshold` (timm's; 0: off).
+    config.loss = "softmax"
+    config.bce_target_threshold = 0.0
+    # Mixup and CutMix of the global batch (0: off), per step with probability `mix_prob`,
+    # CutMix instead of Mixup with probability `mix_switch_prob` when both are on.
+    config.mixup_alpha = 0.0
+    config.cutmix_alpha = 0.0
+    config.mix_prob = 1.0
+    config.mix_switch_prob = 0.5
+    # An exponential moving average of the parameters and BN statistics, evaluated beside the
+    # raw ones; 0: off (e.g. 0.9998 for ImageNet at batch 1024).
+    config.ema_decay = 0.0
 
     config.init_from = ""  # a variables checkpoint to fine-tune from (new head if needed)
     config.seed = 0

@@ -2,6 +2,7 @@
 
     python scripts/eval.py --config=configs/X.py --workdir=DIR     # a run's latest checkpoint
     python scripts/eval.py --config=configs/X.py --checkpoint=DIR  # a converted/exported model
+    python scripts/eval.py --config=configs/X.py --workdir=DIR --ema  # its moving average
 
 With --checkpoint the model comes from the checkpoint's model.json; the config supplies the
 dataset and the eval batch size.
@@ -20,6 +21,7 @@ config_flags.DEFINE_config_file("config", None, "config file (dataset, eval batc
 flags.DEFINE_string("workdir", None, "a training work directory: evaluate its latest checkpoint")
 flags.DEFINE_string("checkpoint", None, "a variables checkpoint folder (model.json + variables/)")
 flags.DEFINE_string("output", None, "also write the result to this JSON file")
+flags.DEFINE_bool("ema", False, "with --workdir: the moving average of a run with ema_decay")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
@@ -34,7 +36,8 @@ def main(argv):
     from resnext_jax.training import loop, steps
 
     try:
-        run, variables = loop.load_for_eval(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
+        run, variables = loop.load_for_eval(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint,
+                                            ema=FLAGS.ema)  # fmt: skip
         result = steps.evaluate(run, variables)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")

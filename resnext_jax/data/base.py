@@ -129,10 +129,38 @@ def epoch_permutation(seed, epoch, num_examples) -> np.ndarray:
     return order
 
 
-def batch_ids(seed, step, num_examples, global_batch) -> np.ndarray:
-    """The example ids of training step `step`'s global batch (0-based step), in epoch order."""
-    epoch, index = divmod(step, steps_per_epoch(num_examples, global_batch))
-    return epoch_permutation(seed, epoch, num_examples)[index * global_batch :][:global_batch]
+def check_repeats(repeats, global_batch=None) -> int:
+    """`repeats` (config.dataset.repeated_augmentation) if it is an integer >= 1, at most
+    `global_batch`; else an error that says what to set."""
+    if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats < 1:
+        raise DataError(
+            f"dataset.repeated_augmentation={repeats!r} must be an integer >= 1 (1: off; DeiT "
+            "uses 3); set --config.dataset.repeated_augmentation=K"
+        )
+    if global_batch is not None and repeats > global_batch:
+        raise DataError(
+            f"dataset.repeated_augmentation={repeats} copies of an image do not fit in a batch "
+            f"of {global_batch}; set it to at most batch_size"
+        )
+    return int(repeats)
+
+
+def batch_ids(seed, step, num_examples, global_batch, repeats=1) -> np.ndarray:
+    """The example ids of training step `step`'s global batch (0-based step), in epoch order.
+
+    Repeated augmentation (`repeats` k > 1, Hoffer et al. 2019; timm's RepeatAugSampler) takes
+    ceil(global_batch / k) images and tiles them k times, cut to the batch (a batch that k does
+    not divide, such as RSB's 2048 with k = 3, holds the last images one copy fewer): rows r,
+    r + B/k, r + 2B/k, ... hold one image, each row augmented by its own draws. The copies lie
+    B/k rows apart so that processes and devices, which take contiguous rows, hold different
+    copies where they can, as timm deals the copies to different processes. An epoch keeps its
+    num_examples // B steps (timm's too), so it sees num_examples / k distinct images; the
+    images are drawn from a permutation per pass, and a pass over all of them takes k epochs.
+    """
+    distinct = -(-global_batch // check_repeats(repeats, global_batch))
+    epoch, index = divmod(step, steps_per_epoch(num_examples, distinct))
+    ids = epoch_permutation(seed, epoch, num_examples)[index * distinct :][:distinct]
+    return np.tile(ids, repeats)[:global_batch]
 
 
 def prefetch(iterator, size=2):

@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from resnext_jax.data import base, preprocessing
+from resnext_jax.data import base, preprocessing, randaugment
 from resnext_jax.data.base import BadExample, DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -38,10 +38,11 @@ class ImageSource:
     """Batches of decoded, augmented images from random-access train and eval records."""
 
     def __init__(self, train, eval, num_classes, preprocess: preprocessing.Preprocess, workers=0,
-                 bad_examples="error"):  # fmt: skip
+                 bad_examples="error", repeats=1):  # fmt: skip
         self.train_records, self.eval_records = train, eval
         self.num_classes = num_classes
         self.preprocess = preprocess
+        self.repeats = base.check_repeats(repeats)  # repeated augmentation (base.batch_ids)
         self.bad = base.BadExamples(bad_examples)
         self.workers = workers or len(os.sched_getaffinity(0))
         self._num_train, self._num_eval = len(train), len(eval)
@@ -73,9 +74,8 @@ class ImageSource:
 
     def train_indices(self, global_batch, seed, step) -> np.ndarray:
         """This process's example indices for training step `step` (0-based)."""
-        return base.batch_ids(seed, step, self.num_train, global_batch)[
-            base.process_rows(global_batch)
-        ]
+        ids = base.batch_ids(seed, step, self.num_train, global_batch, self.repeats)
+        return ids[base.process_rows(global_batch)]
 
     def eval_indices(self, global_batch) -> Iterator[np.ndarray]:
         """This process's eval indices, batch by batch; past the end (padding) is >= num_eval."""
@@ -247,8 +247,8 @@ def image_files(folder) -> list[pathlib.Path]:
     return sorted(files)
 
 
-def image_folder(data_dir, train_split, eval_split, preprocess, workers=0, bad_examples="error"
-                 ) -> ImageSource:  # fmt: skip
+def image_folder(data_dir, train_split, eval_split, preprocess, workers=0, bad_examples="error",
+                 repeats=1) -> ImageSource:  # fmt: skip
     """Folders of images, `data_dir/<split>/<class>/<image>`, classes named by the train split."""
     root = pathlib.Path(data_dir or ".")
     missing = [s for s in (train_split, eval_split) if not (data_dir and (root / s).is_dir())]
@@ -262,7 +262,7 @@ def image_folder(data_dir, train_split, eval_split, preprocess, workers=0, bad_e
         )
     train = FolderRecords(root / train_split)
     eval = FolderRecords(root / eval_split, classes=train.classes)
-    return ImageSource(train, eval, len(train.classes), preprocess, workers, bad_examples)
+    return ImageSource(train, eval, len(train.classes), preprocess, workers, bad_examples, repeats)
 
 
 def make_preprocess(ds, channels, augment="random_resized_crop", mean=None, std=None):
@@ -290,6 +290,8 @@ def make_preprocess(ds, channels, augment="random_resized_crop", mean=None, std=
             eval_image_size=ds.eval_image_size or ds.image_size,
             eval_crop_fraction=ds.eval_crop_fraction,
             jpeg_draft=ds.jpeg_draft,
+            rand_augment=randaugment.from_config(ds),
+            erase_probability=ds.get("random_erasing", 0.0),
         )
     except ValueError as e:
         raise DataError(f"config.dataset: {e}") from e

@@ -1,6 +1,9 @@
 """Datasets held in host memory as uint8 arrays: Fashion-MNIST (IDX files) and synthetic data.
 
-Normalized per channel and augmented on the host with numpy. None of it needs TensorFlow.
+Normalized per channel and augmented on the host with numpy. A training batch is flipped or
+cropped as a whole (`augment`), then each image takes RandAugment (resnext_jax/data/
+randaugment.py) on uint8, is normalized, and takes random erasing (random_erasing.py), each
+row drawing from its own generator (`row_generators`). None of it needs TensorFlow.
 Labels are checked when they load (`check_labels`), so no batch holds a bad example and
 every batch's "skipped" is 0.
 """
@@ -11,7 +14,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from resnext_jax.data import base
+from resnext_jax.data import base, randaugment, random_erasing
 from resnext_jax.data.base import DataError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -24,18 +27,26 @@ FASHION_MNIST_FILES = {
 # The augmentations of in-memory training images (image files have their own:
 # resnext_jax/data/preprocessing.py, IMAGE_ARRAY_AUGMENTATIONS).
 ARRAY_AUGMENTATIONS = ("none", "flip", "pad_crop_flip")
+NO_RAND_AUGMENT = randaugment.RandAugment()
 
 
 class InMemorySource:
     """Uint8 NHWC images held in host memory, normalized per channel, augmented on the host."""
 
-    def __init__(self, train, eval, num_classes, augment="none", mean=None, std=None):
+    def __init__(self, train, eval, num_classes, augment="none", mean=None, std=None,
+                 rand_augment=NO_RAND_AUGMENT, erase_probability=0.0, repeats=1):  # fmt: skip
         self.train_images, self.train_labels = train
         self.eval_images, self.eval_labels = eval
         self.num_classes = num_classes
         if augment not in ARRAY_AUGMENTATIONS:
             raise DataError(f"augment={augment!r}; choose one of {ARRAY_AUGMENTATIONS}")
         self.augment = augment
+        self.rand_augment = rand_augment
+        try:
+            self.erase_probability = random_erasing.check(erase_probability)
+        except ValueError as e:
+            raise DataError(f"config.dataset: {e}") from e
+        self.repeats = base.check_repeats(repeats)
         pixels = self.train_images.reshape(-1, self.train_images.shape[-1])
         # Statistics of the training images themselves, unless the caller fixes them.
         self.mean = np.asarray(mean if mean is not None else pixels.mean(0) / 255, np.float32)
@@ -66,22 +77,43 @@ class InMemorySource:
     def _normalize(self, images):
         return (images.astype(np.float32) / 255 - self.mean) / self.std
 
+    def _augment_each(self, images, rngs):
+        """RandAugment on uint8, normalization, random erasing: each image with its generator
+        (bilinear resampling, the training mean as the fill)."""
+        if self.rand_augment.n:
+            fill = randaugment.fill_color(self.mean)
+            images = np.stack([self.rand_augment(image, rng, fill)
+                               for image, rng in zip(images, rngs, strict=True)])  # fmt: skip
+        images = self._normalize(images)
+        if self.erase_probability:
+            for image, rng in zip(images, rngs, strict=True):
+                random_erasing.erase(image, rng, self.erase_probability)
+        return images
+
     def train_batches(self, global_batch, seed, start_step=0) -> Iterator[dict]:
         per_epoch = base.steps_per_epoch(self.num_train, global_batch)
         local = base.process_rows(global_batch)
         step = start_step
         while True:
             epoch, index = divmod(step, per_epoch)
+            ids = base.batch_ids(seed, step, self.num_train, global_batch, self.repeats)
             # Sorted before the split, so that the global batch and its row order (and so its
-            # BN groups) are the same on any number of processes.
-            ids = np.sort(base.batch_ids(seed, step, self.num_train, global_batch))[local]
+            # BN groups) are the same on any number of processes; each block of repeated
+            # copies alike, so that rows B/k apart keep holding one image.
+            distinct = -(-global_batch // self.repeats)
+            ids = np.tile(np.sort(ids[:distinct]), self.repeats)[:global_batch][local]
             images = self.train_images[ids]
-            rng = np.random.default_rng([seed, epoch, index])
+            key = [seed, epoch, index]
+            rng = np.random.default_rng(key)
             if self.augment == "pad_crop_flip":
                 images = pad_crop_flip(images, rng, rows=local, batch=global_batch)
             elif self.augment == "flip":
                 images = flip(images, rng, rows=local, batch=global_batch)
-            yield {"image": self._normalize(images), "label": self.train_labels[ids], "skipped": 0}
+            if self.rand_augment.n or self.erase_probability:
+                images = self._augment_each(images, row_generators(key, local))
+            else:
+                images = self._normalize(images)
+            yield {"image": images, "label": self.train_labels[ids], "skipped": 0}
             step += 1
 
     def eval_batches(self, global_batch) -> Iterator[dict]:
@@ -101,6 +133,14 @@ class InMemorySource:
 # The host-side augmentations below draw for a whole global batch of `batch` images and keep
 # the draws of `rows`, the rows this process holds, so that each image's augmentation depends
 # on its row of the global batch, not on how many processes share the batch.
+
+
+def row_generators(key, rows) -> list[np.random.Generator]:
+    """One generator per row of `rows` (a slice of the global batch): row r's is child r of
+    the batch's seed sequence `key`, as `SeedSequence(key).spawn` makes it, so that it is the
+    same whichever process holds the row."""
+    return [np.random.default_rng(np.random.SeedSequence(key, spawn_key=(row,)))
+            for row in range(rows.start, rows.stop)]  # fmt: skip
 
 
 def flip(images, rng, rows=slice(None), batch=None):
@@ -157,16 +197,18 @@ def _find_idx(folder, stem):
     return None
 
 
-def fashion_mnist(data_dir="", augment="pad_crop_flip") -> InMemorySource:
-    """Fashion-MNIST from IDX files: `data_dir`, Debian's package, or a prepared TFDS copy."""
+def fashion_mnist(data_dir="", augment="pad_crop_flip", **options) -> InMemorySource:
+    """Fashion-MNIST from IDX files: `data_dir`, Debian's package, or a prepared TFDS copy.
+
+    `options`: InMemorySource's rand_augment, erase_probability, repeats."""
     folders = [pathlib.Path(data_dir)] if data_dir else [pathlib.Path(FASHION_MNIST_DIR)]
     for folder in folders:
         files = {split: [_find_idx(folder, s) for s in stems]
                  for split, stems in FASHION_MNIST_FILES.items()}  # fmt: skip
         if all(all(f) for f in files.values()):
             train, test = (_read_split(*pair) for pair in files.values())
-            return InMemorySource(train, test, num_classes=10, augment=augment)
-    if not data_dir and (source := _fashion_mnist_from_tfds(augment)):
+            return InMemorySource(train, test, num_classes=10, augment=augment, **options)
+    if not data_dir and (source := _fashion_mnist_from_tfds(augment, **options)):
         return source
     stems = [s + "[.gz]" for pair in FASHION_MNIST_FILES.values() for s in pair]
     raise DataError(
@@ -184,7 +226,7 @@ def _read_split(images_file, labels_file):
     return images, labels
 
 
-def _fashion_mnist_from_tfds(augment):
+def _fashion_mnist_from_tfds(augment, **options):
     """TFDS's prepared `fashion_mnist`, read through its TensorFlow-free data source."""
     try:
         import tensorflow_datasets as tfds
@@ -202,11 +244,13 @@ def _fashion_mnist_from_tfds(augment):
     ]
     for (images, labels), split in zip(arrays, ("train", "test"), strict=True):
         check_labels(images, labels, 10, f"TFDS fashion_mnist split {split!r}")
-    return InMemorySource(*arrays, num_classes=10, augment=augment)
+    return InMemorySource(*arrays, num_classes=10, augment=augment, **options)
 
 
-def synthetic(image_size, channels, num_classes, num_train, num_eval, seed=0) -> InMemorySource:
-    """Random images whose brightness depends on the label, so that a model can learn them."""
+def synthetic(image_size, channels, num_classes, num_train, num_eval, seed=0, **options
+              ) -> InMemorySource:  # fmt: skip
+    """Random images whose brightness depends on the label, so that a model can learn them
+    (`options`: InMemorySource's rand_augment, erase_probability, repeats)."""
     rng = np.random.default_rng(seed)
 
     def split(n):
@@ -216,4 +260,4 @@ def synthetic(image_size, channels, num_classes, num_train, num_eval, seed=0) ->
         return images.astype(np.uint8), labels
 
     return InMemorySource(split(num_train), split(num_eval), num_classes,
-                          mean=[0.5] * channels, std=[0.25] * channels)  # fmt: skip
+                          mean=[0.5] * channels, std=[0.25] * channels, **options)  # fmt: skip

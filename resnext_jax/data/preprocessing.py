@@ -11,6 +11,10 @@ authors built on: a crop of 8%-100% of the image area with aspect ratio 3/4-4/3 
 `image_size`, brightness, contrast and saturation jitter of 0.4 in random order, PCA lighting
 noise of std 0.1, per-channel normalization, horizontal flip. Evaluation: the shorter side
 resized to `eval_image_size / eval_crop_fraction` (256 for 224), the central square crop.
+
+The tools of modern recipes, off by default, draw from the same generator after the rest:
+RandAugment (resnext_jax/data/randaugment.py) on the cropped, flipped PIL image, before
+the color chain; random erasing (random_erasing.py) on the normalized float image, last.
 """
 
 import dataclasses
@@ -21,6 +25,8 @@ import os
 import numpy as np
 import PIL.Image
 import PIL.ImageStat
+
+from resnext_jax.data import randaugment, random_erasing
 
 # Statistics of ImageNet training images on a [0, 1] scale, from fb.resnet.torch
 # (datasets/imagenet.lua: "Computed from random subset of ImageNet training images"); the same
@@ -79,6 +85,8 @@ class Preprocess:
     eval_image_size: int = 0  # 0: image_size
     eval_crop_fraction: float = 0.875  # random_resized_crop: eval crop / resized shorter side
     jpeg_draft: bool = True  # let the JPEG decoder downscale by 2, 4 or 8 when a crop allows
+    rand_augment: randaugment.RandAugment = randaugment.RandAugment()  # n = 0: off
+    erase_probability: float = 0.0  # random erasing of one box; 0: off
 
     def __post_init__(self):
         if not self.eval_image_size:
@@ -93,6 +101,7 @@ class Preprocess:
             raise ValueError(
                 f"mean={self.mean} and std={self.std} need one value per channel ({self.channels})"
             )
+        random_erasing.check(self.erase_probability)
         lo, hi = self.crop_area_range
         a_lo, a_hi = self.crop_aspect_range
         if not (0 < lo <= hi <= 1 and 0 < a_lo <= a_hi):
@@ -291,7 +300,11 @@ def train_image(item, rng, p: Preprocess, out=None) -> np.ndarray:
             image = _pad_crop(image, p.crop_padding, rng)
     if flip:
         image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
-    return _color(p, image, rng, out)
+    if p.rand_augment.n:
+        fill = randaugment.fill_color(p.mean)
+        image = p.rand_augment(image, rng, fill, p.interpolation)
+    out = _color(p, image, rng, out)
+    return random_erasing.erase(out, rng, p.erase_probability)
 
 
 def eval_image(item, p: Preprocess, out=None) -> np.ndarray:

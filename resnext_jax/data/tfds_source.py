@@ -46,8 +46,9 @@ def prepare_instructions(name, data_dir) -> str:
     return f"Run `{build}` {env} on a machine with internet access, then copy {data_dir}/{base}."
 
 
-def tfds_source(config, bad_examples="error") -> image_source.ImageSource:
-    """The TFDS dataset `config.dataset.name` (a name, optionally `name/config:version`)."""
+def tfds_source(config, bad_examples="error", repeats=1) -> image_source.ImageSource:
+    """The TFDS dataset `config.dataset.name` (a name, optionally `name/config:version`);
+    `repeats`: repeated augmentation (resnext_jax/data/base.py, `batch_ids`)."""
     ds = config.dataset
     splits, image_feature, label_feature = open_splits(
         ds.name, ds.data_dir, {"train": ds.train_split, "eval": ds.eval_split},
@@ -62,7 +63,7 @@ def tfds_source(config, bad_examples="error") -> image_source.ImageSource:
         ds, channels, "pad_crop_flip" if small else "random_resized_crop", mean, std
     )
     return image_source.ImageSource(splits["train"], splits["eval"], label_feature.num_classes,
-                                    preprocess, ds.workers, bad_examples)  # fmt: skip
+                                    preprocess, ds.workers, bad_examples, repeats)  # fmt: skip
 
 
 def open_splits(name, data_dir, splits, image_key="", label_key=""):

@@ -1,7 +1,8 @@
 """Sweeps over a config family: one training run per setting and seed, each in its own workdir.
 
-A family is a config file with `get_config(arg)` and `get_sweep()` (e.g. configs/table3.py). Run k
-of setting ARG is the command
+A family is a config file with `get_config(arg)` and `get_sweep()` (e.g. configs/table3.py);
+`FAMILY:KEY=VALUE` fixes family arguments that get_sweep() does not vary (configs/table3.py:
+recipe=a2 runs Table 3 under procedure A2). Run k of setting ARG is the command
 
     python scripts/train.py --config=FAMILY:ARG --workdir=ROOT/<ARG as a slug>/seed<k>
         --config.seed=k [--config.FIELD=VALUE ...]
@@ -53,6 +54,20 @@ class SweepRun:
 
     def shell(self) -> str:
         return shlex.join(self.command)
+
+
+def with_fixed(settings, fixed: str) -> list[str]:
+    """Each setting followed by the `fixed` family arguments (`FAMILY:recipe=a2` sweeps every
+    setting under that recipe); an argument both name is an error."""
+    if not fixed:
+        return settings
+    keys = {item.partition("=")[0].strip() for item in fixed.split(",")}
+    for setting in settings:
+        both = keys & {item.partition("=")[0].strip() for item in setting.split(",")}
+        if both:
+            raise SweepError(f"the family's settings already vary {sorted(both)}; fix only "
+                             "other keys after the colon")  # fmt: skip
+    return [f"{s},{fixed}" if s else fixed for s in settings]
 
 
 def family_settings(path) -> list[str]:
@@ -111,9 +126,7 @@ def expand(config, seeds, root, overrides=(), python="python", train_script="scr
     """
     if seeds < 1:
         raise SweepError(f"--seeds={seeds}: a sweep needs at least one seed")
-    if ":" in config:
-        raise SweepError(f"--config={config}: give the family file alone; get_sweep() supplies "
-                         "the arguments")  # fmt: skip
+    config, _, fixed = config.partition(":")
     for item in overrides:
         if not is_override(item):
             raise SweepError(f"{item!r} is not a config override (--config.FIELD=VALUE)")
@@ -121,7 +134,7 @@ def expand(config, seeds, root, overrides=(), python="python", train_script="scr
             raise SweepError(f"{item}: the sweep sets config.seed (use --seeds)")
     cwd = pathlib.Path(cwd)
     runs = []
-    settings = family_settings(cwd / config)
+    settings = with_fixed(family_settings(cwd / config), fixed)
     # Seed-major: every setting's seed 0 runs first, so a sweep cut short still covers them all.
     for seed in range(seeds):
         for setting in settings:

@@ -18,6 +18,7 @@ from functools import partial
 from typing import Any, NamedTuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -151,8 +152,12 @@ def onednn_batch_norm_pays(groups: int, dtype=jnp.float32) -> bool:
 
 
 def onednn_dtype(dtype) -> bool:
-    """Whether oneDNN's batch norm and pooling run this compute dtype as it is."""
-    return jnp.dtype(dtype) in onednn.NATIVE
+    """Whether oneDNN's batch norm and pooling run this compute dtype as it is: float32, or
+    bfloat16 where this backend is a CPU whose oneDNN has bfloat16 kernels."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.bfloat16:
+        return onednn_on_this_backend() and onednn.bfloat16_native()
+    return dtype == jnp.float32
 
 
 def max_pool(x, window, strides, padding, dtype, onednn_ok=True):
@@ -180,6 +185,8 @@ class BasicBlock(nn.Module):
     shortcut: bool = True
     zero_init_last_bn: bool = False
     lesioned: bool = False
+    drop_path: float = 0.0  # probability of dropping the residual branch (training only)
+    axis_name: str | None = None  # the device axis, inside a per-device step
     expansion = 1
 
     @nn.compact
@@ -210,6 +217,8 @@ class Bottleneck(nn.Module):
     zero_init_last_bn: bool = False
     lesioned: bool = False
     form: str = "grouped"
+    drop_path: float = 0.0  # probability of dropping the residual branch (training only)
+    axis_name: str | None = None  # the device axis, inside a per-device step
     expansion = 4
 
     @nn.compact
@@ -290,7 +299,28 @@ def _add_shortcut(block, x, y, last_norm):
     if block.lesioned:
         last_norm()(y)
         return x if residual is x else relu(residual)
+    if block.drop_path > 0:
+        y = drop_path(block, last_norm()(y), block.drop_path, block.axis_name)
+        return relu(y + residual)
     return last_norm(relu=True)(y, add=residual)
+
+
+def drop_path(module, y, rate, axis_name=None):
+    """Stochastic depth (Huang et al. 2016, as timm's DropPath): each example's residual branch
+    `y` is zeroed with probability `rate` and kept ones are scaled by 1 / (1 - rate).
+
+    The draws come from `module`'s "drop_path" rng for the whole global batch, and each device
+    keeps its rows' (inside a per-device step over `axis_name`, rows in device order), so an
+    example's draw does not depend on the number of devices.
+    """
+    batch = y.shape[0]
+    devices, first = 1, 0
+    if axis_name:
+        devices, first = lax.axis_size(axis_name), lax.axis_index(axis_name) * batch
+    keep = jax.random.bernoulli(module.make_rng("drop_path"), 1 - rate, (devices * batch,))
+    keep = lax.dynamic_slice_in_dim(keep, first, batch)
+    scale = jnp.where(keep, 1 / (1 - rate), 0).astype(y.dtype)
+    return y * scale.reshape(batch, *(1,) * (y.ndim - 1))
 
 
 class BlockSpec(NamedTuple):
@@ -355,6 +385,10 @@ class ResNet(nn.Module):
     form: str = "grouped"
     axis_name: str | None = None  # the device axis, inside a per-device step (BatchNorm)
     lesioned: tuple[str, ...] = ()  # names of blocks whose residual branch is removed
+    # Stochastic depth in training: block i of n drops its branch with probability
+    # drop_path_rate * i / (n - 1) (timm's linear rule: none at the first, the rate at the
+    # last); needs a "drop_path" rng.
+    drop_path_rate: float = 0.0
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -404,15 +438,18 @@ class ResNet(nn.Module):
         if unknown:
             raise ValueError(f"lesioned blocks {sorted(unknown)} are not among {specs[0].name}"
                              f"..{specs[-1].name}")  # fmt: skip
-        for spec in specs:
+        for i, spec in enumerate(specs):
             if not self.is_initializing():  # so init's variables hold no "perturbations"
                 x = self.perturb(f"{spec.name}_input", x)
+            rate = self.drop_path_rate * i / max(len(specs) - 1, 1) if train else 0.0
             x = block(
                 planes=spec.planes,
                 strides=spec.strides,
                 shortcut=self.shortcut,
                 zero_init_last_bn=self.zero_init_last_bn,
                 lesioned=spec.name in self.lesioned,
+                drop_path=rate,
+                axis_name=self.axis_name,
                 name=spec.name,
             )(x)
         x = jnp.mean(x, axis=(1, 2))

@@ -103,6 +103,9 @@ def default_model_config() -> ml_collections.ConfigDict:
             dtype="float32",  # compute dtype; parameters stay float32
             conv_impl="auto",  # see resnext_jax.ops.conv.CHOICES
             form="grouped",  # Fig. 3 form of the aggregated transformation
+            # Stochastic depth: the last block drops its residual branch with this probability
+            # in training, earlier blocks linearly less (0: off).
+            drop_path_rate=0.0,
         )
     )
 
@@ -185,6 +188,8 @@ def validate(config) -> None:
             f"model.depth={config.depth} but {block} blocks {sizes} make {layers} layers; "
             "set depth to match stage_sizes"
         )
+    if not 0 <= config.get("drop_path_rate", 0.0) < 1:
+        raise ValueError(f"model.drop_path_rate={config.drop_path_rate}; must be in [0, 1)")
     if config.cardinality < 1 or config.base_width < 1:
         raise ValueError("model.cardinality and model.base_width must be positive")
     if block == "basic" and (config.cardinality, config.base_width) != (1, 64):
@@ -252,4 +257,5 @@ def build_model(config_or_name, **overrides) -> ResNet:
         dtype=DTYPES[config.dtype],
         conv_impl=config.conv_impl,
         form=config.form,
+        drop_path_rate=config.get("drop_path_rate", 0.0),
     )

@@ -24,8 +24,9 @@ XLA formulations; `RESNEXT_JAX_ONEDNN=0` turns the path off.
 `grouped_conv` (any groups, dense ones too), `batch_norm` and `max_pool` are differentiable
 functions built on the calls, on CPU only. Each runs float32 or bfloat16 as it is: bfloat16
 activations, kernels and gradients stay bfloat16 in memory and oneDNN accumulates in float32,
-with AVX512-BF16 and AMX instructions where the CPU has them; the conv casts any other
-dtype to float32. The
+with AVX512-BF16 and AMX instructions where the CPU has them (`bfloat16_native()`: a CPU
+without AVX-512 has no bfloat16 kernels, and bfloat16 is cast to float32 there); the conv
+casts any other dtype to float32. The
 calls are opaque to XLA: its cost analysis counts no FLOPs for them
 (`resnext_jax.models.inspector.xla_flops` compiles with XLA's own layers for that reason), and
 its sharding propagation cannot split them, so they run only inside per-device steps
@@ -245,6 +246,7 @@ def _load() -> str | None:
     workspace_bytes.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_float] + [ctypes.c_int64] * 2
     library.ResnextOnednnPoolWorkspaceBytes.restype = ctypes.c_int64
     library.ResnextOnednnPoolWorkspaceBytes.argtypes = [ctypes.c_int64] * 8
+    library.ResnextOnednnBfloat16Supported.restype = ctypes.c_int
     _library = library
     for target, symbol in TARGETS.items():
         capsule = jax.ffi.pycapsule(getattr(library, symbol))
@@ -274,15 +276,30 @@ def require() -> None:
         )
 
 
-NATIVE = (np.dtype(np.float32), np.dtype(jnp.bfloat16))  # what the calls read and write
+NATIVE = (np.dtype(np.float32), np.dtype(jnp.bfloat16))  # what the calls can read and write
+
+
+@functools.cache
+def bfloat16_native() -> bool:
+    """Whether oneDNN runs bfloat16 on this CPU: it needs AVX-512 (and uses AVX512-BF16 and AMX
+    where the CPU has them). Elsewhere bfloat16 models cast to float32 around the calls."""
+    return available() and bool(_library.ResnextOnednnBfloat16Supported())
+
+
+def native_dtypes() -> tuple:
+    """The dtypes the calls run as they are on this CPU (NATIVE, or float32 alone)."""
+    return NATIVE if bfloat16_native() else NATIVE[:1]
 
 
 def _check_dtypes(what, *arrays):
-    """Raise unless `arrays` share one dtype of NATIVE; return it."""
+    """Raise unless `arrays` share one dtype of `native_dtypes()`; return it."""
     dtypes = {np.dtype(a.dtype) for a in arrays}
     if len(dtypes) != 1 or not dtypes <= set(NATIVE):
         got = " and ".join(sorted(map(str, dtypes)))
         raise TypeError(f"the onednn {what} runs float32 or bfloat16 (one of them), got {got}")
+    if not dtypes <= set(native_dtypes()):
+        raise TypeError(f"the onednn {what}: oneDNN has no bfloat16 kernels for this CPU "
+                        "(they need AVX-512); cast to float32")  # fmt: skip
     return dtypes.pop()
 
 
@@ -336,9 +353,11 @@ def grouped_conv(x, kernel, strides, padding, groups):
 
 
 def _compute_dtype(*arrays):
-    """The dtype oneDNN runs `arrays` in: theirs if they share one of NATIVE, else float32."""
+    """The dtype oneDNN runs `arrays` in: theirs if they share one it runs natively here
+    (`native_dtypes()`), else float32."""
     dtypes = {np.dtype(a.dtype) for a in arrays}
-    return dtypes.pop() if len(dtypes) == 1 and dtypes <= set(NATIVE) else np.dtype(np.float32)
+    native = set(native_dtypes())
+    return dtypes.pop() if len(dtypes) == 1 and dtypes <= native else np.dtype(np.float32)
 
 
 def _grouped_conv_fwd(x, kernel, strides, padding, groups):

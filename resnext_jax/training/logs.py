@@ -4,6 +4,9 @@ metrics.jsonl has one JSON object per line:
     {"split": "train", "step", "epoch", "loss", "lr", "top1_error", "top5_error",
      "grad_norm", "images_per_sec"}   averaged over the steps since the previous train row
     {"split": "eval", "step", "epoch", "loss", "top1_error", "top5_error", "examples"}
+          with config.ema_decay also "ema_loss", "ema_top1_error", "ema_top5_error" (the
+          moving-average weights; results.json then adds "ema_top1_error", "ema_top5_error",
+          "ema_eval_loss")
 Errors are in percent; `step` counts optimizer steps done, `epoch` is step / steps per epoch.
 """
 

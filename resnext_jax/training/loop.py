@@ -244,6 +244,9 @@ def _finish(config, workdir, run, report, state, meta, plan, clock) -> dict:
         "best_top1_error": meta["best_top1_error"],
         "wall_time_s": clock.elapsed(),
     }
+    if "ema_top1_error" in final:  # the moving average's (config.ema_decay)
+        results.update({k: final[k] for k in ("ema_top1_error", "ema_top5_error")},
+                       ema_eval_loss=final["ema_loss"])  # fmt: skip
     if jax.process_index() == 0:
         logs.write_json(workdir / logs.RESULTS_FILE, results)
     report.print(
@@ -259,19 +262,31 @@ def _evaluate(run, state, meta, step, report, stop=None) -> dict | None:
     `stop()` said to stop before the evaluation ended)."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     result = steps.evaluate(run, variables, stop=stop)
+    if result is not None and state.ema is not None:  # the moving average, beside the raw
+        ema = steps.evaluate(run, state.ema, stop=stop)
+        result = None if ema is None else {**result, **ema_fields(ema)}
     if result is None:
         report.print(f"eval at step {step} interrupted; the resumed run evaluates this step")
         return None
     result = {**result, "step": step}
     report.write("eval", step, **{k: v for k, v in result.items() if k != "step"})
     skipped = f", {result['skipped']} bad ones left out" if result.get("skipped") else ""
+    ema = f"; EMA top-1 err {result['ema_top1_error']:.2f}%" if "ema_top1_error" in result else ""
     report.print(
         f"eval at step {step}: top-1 err {result['top1_error']:.2f}% "
         f"top-5 err {result['top5_error']:.2f}% loss {result['loss']:.4f} "
-        f"({result['examples']} examples{skipped})"
+        f"({result['examples']} examples{skipped}){ema}"
     )
     best, top1 = meta["best_top1_error"], result["top1_error"]
     return {**meta, "eval": result, "best_top1_error": top1 if best is None else min(best, top1)}
+
+
+EMA_FIELDS = ("top1_error", "top5_error", "loss")
+
+
+def ema_fields(result: dict) -> dict:
+    """An evaluation of the moving-average weights as `ema_`-prefixed fields."""
+    return {f"ema_{k}": result[k] for k in EMA_FIELDS}
 
 
 def _save(manager, state, meta, step, clock) -> dict:
@@ -330,8 +345,11 @@ class Window:
         return timed * batch_size / (time.time() - self.start) if timed else float("nan")
 
 
-def load_for_eval(config, workdir=None, checkpoint_dir=None):
-    """(run, variables) for `scripts/eval.py`: a workdir's latest state or a variables folder."""
+def load_for_eval(config, workdir=None, checkpoint_dir=None, ema=False):
+    """(run, variables) for `scripts/eval.py`: a workdir's latest state (with `ema`, its moving
+    average) or a variables folder."""
+    if ema and not workdir:
+        raise ValueError("--ema evaluates a training workdir's moving average: give --workdir")
     if checkpoint_dir:
         variables, model_config = checkpoint.load_variables(checkpoint_dir)
         config = ml_collections.ConfigDict(config.to_dict())
@@ -348,4 +366,8 @@ def load_for_eval(config, workdir=None, checkpoint_dir=None):
     tx = optim.create_optimizer(config, max(1, run.source.num_train // config.batch_size))
     state = steps.create_train_state(run, tx, jax.random.key(0))
     state, _ = checkpoint.restore_latest(manager, state)
+    if ema:
+        if state.ema is None:
+            raise ValueError(f"{workdir} was trained without config.ema_decay: it has no EMA")
+        return run, state.ema
     return run, {"params": state.params, "batch_stats": state.batch_stats}

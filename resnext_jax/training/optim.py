@@ -1,10 +1,16 @@
-"""The optimizer and learning-rate schedule, built from a training config."""
+"""The optimizer and learning-rate schedule, built from a training config.
 
-import flax
+`sgd` is the paper's (momentum, Nesterov in its code, L2 weight decay added to the gradient).
+`adamw` and `lamb` are the ones of the "ResNet strikes back" recipes (Wightman et al. 2021,
+timm's `AdamW` and `Lamb`), with decoupled weight decay.
+"""
+
+import jax
 import optax
 
 SCHEDULES = ("step", "cosine")
 WEIGHT_DECAY_ON = ("all", "kernels")
+OPTIMIZERS = ("sgd", "adamw", "lamb")
 
 
 def scaled_learning_rate(config) -> float:
@@ -13,7 +19,8 @@ def scaled_learning_rate(config) -> float:
 
 
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
-    """Linear warmup from 0, then step decay (divide at `lr_drop_epochs`) or cosine to 0."""
+    """Linear warmup from 0, then step decay (divide at `lr_drop_epochs`) or cosine down to
+    `lr_min` (0 unless set)."""
     if config.lr_schedule not in SCHEDULES:
         raise ValueError(f"lr_schedule={config.lr_schedule!r}; choose one of {SCHEDULES}")
     peak = scaled_learning_rate(config)
@@ -28,7 +35,10 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
             },  # fmt: skip
         )
     else:
-        main = optax.cosine_decay_schedule(peak, max(total - warmup, 1))
+        floor = config.get("lr_min", 0.0)
+        main = optax.cosine_decay_schedule(
+            peak, max(total - warmup, 1), alpha=floor / peak if peak else 0.0
+        )
     if not warmup:
         return main
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
@@ -36,25 +46,49 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
 
 def kernel_mask(params):
     """True for conv and linear kernels: BN scales and biases get no weight decay."""
-    flat = flax.traverse_util.flatten_dict(params)
-    return flax.traverse_util.unflatten_dict({k: k[-1] == "kernel" for k in flat})
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
+
+
+def decay_mask(config):
+    """The parameters weight decay applies to: a mask function, or None for all of them."""
+    return kernel_mask if config.weight_decay_on == "kernels" else None
 
 
 def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
-    """SGD with momentum and coupled weight decay, as in the paper's Torch code."""
-    if config.optimizer != "sgd":
-        raise ValueError(f"optimizer={config.optimizer!r}; only 'sgd' (the paper's) is built in")
+    """The config's optimizer (`OPTIMIZERS`) under its learning-rate schedule.
+
+    Gradient clipping (`grad_clip_norm`) acts on the loss gradient alone, before anything else.
+    - `sgd`: the paper's Torch code: wd * param added to the gradient, then momentum (L2).
+    - `adamw`: Adam, then decoupled decay (param -= lr * wd * param), as torch.optim.AdamW.
+    - `lamb`: Adam's direction plus decoupled decay, scaled per parameter tensor by the trust
+      ratio ||param|| / ||update|| (You et al. 2020), as timm's Lamb: the ratio applies where
+      weight decay does (with `weight_decay_on=kernels`, not to BN parameters and biases).
+    """
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={config.optimizer!r}; choose one of {OPTIMIZERS}")
     if config.weight_decay_on not in WEIGHT_DECAY_ON:
         raise ValueError(f"weight_decay_on={config.weight_decay_on!r}; choose {WEIGHT_DECAY_ON}")
     schedule = learning_rate_schedule(config, steps_per_epoch)
-    return optax.chain(
-        # Clip the loss gradient alone, before weight decay joins it.
+    clip = (
         optax.clip_by_global_norm(config.grad_clip_norm)
         if config.grad_clip_norm > 0
-        else optax.identity(),
-        # Torch's SGD adds wd * param to the gradient before momentum (L2, not AdamW-style).
-        optax.add_decayed_weights(
-            config.weight_decay, mask=kernel_mask if config.weight_decay_on == "kernels" else None
-        ),
-        optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov),
+        else optax.identity()
     )
+    mask = decay_mask(config)
+    if config.optimizer == "sgd":
+        return optax.chain(
+            clip,
+            optax.add_decayed_weights(config.weight_decay, mask=mask),
+            optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov),
+        )
+    b1, b2 = config.adam_betas
+    adam = optax.scale_by_adam(b1=b1, b2=b2, eps=config.adam_eps)
+    decay = optax.add_decayed_weights(config.weight_decay, mask=mask)
+    if config.optimizer == "adamw":
+        return optax.chain(clip, adam, decay, optax.scale_by_learning_rate(schedule))
+    trust = optax.scale_by_trust_ratio()
+    if config.weight_decay == 0:
+        trust = optax.identity()  # timm's Lamb adapts only parameters that are decayed
+    elif mask is not None:
+        trust = optax.masked(trust, mask)
+    return optax.chain(clip, adam, decay, trust, optax.scale_by_learning_rate(schedule))

@@ -13,7 +13,7 @@ import time
 
 from resnext_jax.data import base
 from resnext_jax.models import variants
-from resnext_jax.training import logs, optim
+from resnext_jax.training import logs, optim, steps
 
 HISTORY_FILE = "history.jsonl"  # in a run's workdir: one row per launch that changed the config
 
@@ -27,8 +27,6 @@ FREE = (
 # The length of a run is free where the schedule does not depend on it (step decay); a cosine
 # schedule is stretched by it, so there num_epochs changes every step's learning rate.
 LENGTH = ("num_epochs",)
-
-OPTIMIZERS = ("sgd",)
 
 
 class ConfigMismatchError(ValueError):
@@ -55,7 +53,18 @@ def validate(config) -> None:
         ("lr_drop_factor", c.lr_drop_factor > 0, "> 0"),
         ("label_smoothing", 0 <= c.label_smoothing < 1, "in [0, 1)"),
         ("grad_clip_norm", c.grad_clip_norm >= 0, ">= 0 (0: no clipping)"),
-        ("optimizer", c.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}"),
+        ("optimizer", c.optimizer in optim.OPTIMIZERS, f"one of {optim.OPTIMIZERS}"),
+        ("adam_betas", len(c.adam_betas) == 2 and all(0 <= b < 1 for b in c.adam_betas),
+         "two numbers in [0, 1)"),
+        ("adam_eps", c.adam_eps > 0, "> 0"),
+        ("lr_min", c.lr_min >= 0, ">= 0"),
+        ("loss", c.loss in steps.LOSSES, f"one of {steps.LOSSES}"),
+        ("bce_target_threshold", 0 <= c.bce_target_threshold < 1, "in [0, 1) (0: off)"),
+        ("mixup_alpha", c.mixup_alpha >= 0, ">= 0 (0: off)"),
+        ("cutmix_alpha", c.cutmix_alpha >= 0, ">= 0 (0: off)"),
+        ("mix_prob", 0 <= c.mix_prob <= 1, "in [0, 1]"),
+        ("mix_switch_prob", 0 <= c.mix_switch_prob <= 1, "in [0, 1]"),
+        ("ema_decay", 0 <= c.ema_decay < 1, "in [0, 1) (0: off)"),
         ("lr_schedule", c.lr_schedule in optim.SCHEDULES, f"one of {optim.SCHEDULES}"),
         ("weight_decay_on", c.weight_decay_on in optim.WEIGHT_DECAY_ON,
          f"one of {optim.WEIGHT_DECAY_ON}"),
@@ -105,15 +114,28 @@ def differences(old: dict, new: dict) -> dict:
 
 def compare(old: dict, new: dict, finished=False) -> tuple[dict, dict]:
     """(differences that change the experiment, differences that do not) from config `old`
-    (a workdir's) to `new`. A `finished` run's length is part of its experiment."""
+    (a workdir's) to `new`. A `finished` run's length is part of its experiment. A field that
+    `old` lacks (the config gained it after that run began) and `new` sets to its default
+    does not change the experiment: every field is added with a default that keeps the
+    earlier behaviour."""
     free = set(FREE)
     if not finished and flatten(old).get("lr_schedule") == "step" == flatten(new).get(
         "lr_schedule"
     ):
         free.update(LENGTH)
+    defaults = flatten(_default_config())
     diff = differences(old, new)
+    free.update(k for k, (a, b) in diff.items()
+                if a == ABSENT and k in defaults and b == defaults[k])  # fmt: skip
     changed = {k: v for k, v in diff.items() if k not in free}
     return changed, {k: v for k, v in diff.items() if k in free}
+
+
+def _default_config() -> dict:
+    """configs/default.py's values, as JSON reads them (every config starts from it)."""
+    from resnext_jax.experiments import config_files  # the configs/ folder of this checkout
+
+    return json.loads(config_files.config_module("default").get_config().to_json())
 
 
 def describe(diff: dict) -> str:

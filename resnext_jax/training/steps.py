@@ -23,10 +23,54 @@ from resnext_jax.data import base, sources
 from resnext_jax.devices import parallel, runtime
 from resnext_jax.devices.parallel import DATA_AXIS
 from resnext_jax.models import variants
+from resnext_jax.training import mixing
 
 
 class TrainState(train_state.TrainState):
     batch_stats: Any
+    # With config.ema_decay: {"params", "batch_stats"}, the moving average of both; else None.
+    ema: Any = None
+
+
+LOSSES = ("softmax", "bce")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """What a training step does besides the update: its loss, its batch mixing, its EMA.
+
+    Built from the config (`from_config`); static for the compiled step. Random draws (mixing,
+    stochastic depth) come from (seed, step) alone, the same on every device and process.
+    """
+
+    label_smoothing: float = 0.0
+    loss: str = "softmax"  # LOSSES
+    bce_target_threshold: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
+    mix_switch_prob: float = 0.5
+    ema_decay: float = 0.0
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, config):
+        get = config.get
+        return cls(
+            label_smoothing=config.label_smoothing,
+            loss=get("loss", "softmax"),
+            bce_target_threshold=get("bce_target_threshold", 0.0),
+            mixup_alpha=get("mixup_alpha", 0.0),
+            cutmix_alpha=get("cutmix_alpha", 0.0),
+            mix_prob=get("mix_prob", 1.0),
+            mix_switch_prob=get("mix_switch_prob", 0.5),
+            ema_decay=get("ema_decay", 0.0),
+            seed=config.seed,
+        )
+
+    @property
+    def mixes(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
 
 @dataclasses.dataclass
@@ -102,29 +146,64 @@ def cross_entropy(logits, labels, num_classes, label_smoothing=0.0):
     return optax.softmax_cross_entropy(logits, targets)
 
 
+def loss_per_example(logits, targets, options: StepOptions):
+    """The loss of each example against its (smoothed, possibly mixed) target distribution.
+
+    "softmax": cross-entropy. "bce": binary cross-entropy of each class's sigmoid, averaged
+    over the classes (timm's BinaryCrossEntropy); with `bce_target_threshold` > 0 a target
+    above it counts as 1 and any other as 0 (timm's `target_threshold`).
+    """
+    if options.loss == "softmax":
+        return optax.softmax_cross_entropy(logits, targets)
+    if options.loss != "bce":
+        raise ValueError(f"loss={options.loss!r}; choose one of {LOSSES}")
+    if options.bce_target_threshold > 0:
+        targets = (targets > options.bce_target_threshold).astype(targets.dtype)
+    return optax.sigmoid_binary_cross_entropy(logits, targets).mean(axis=-1)
+
+
+def step_key(seed, step):
+    """The random key of training step `step` (its mixing, its stochastic depth)."""
+    return jax.random.fold_in(jax.random.key(seed), step)
+
+
 def topk_correct(logits, labels, k):
     """Per example: is the label among the k highest logits? (All are, below k classes.)"""
     _, top = jax.lax.top_k(logits, min(k, logits.shape[-1]))
     return jnp.any(top == labels[:, None], axis=-1)
 
 
-def train_step(state, batch, label_smoothing=0.0, axis_name=None):
-    """One SGD step; returns the new state and the batch's metrics.
+def train_step(state, batch, options=StepOptions(), axis_name=None):
+    """One optimizer step; returns the new state and the batch's metrics.
 
     With `axis_name`, one device's part of a per-device step (`make_train_step`): `batch` is
     this device's rows, and the gradients and metrics are averaged over the devices, so that
-    every device applies the same update, the one of the whole batch's mean loss.
+    every device applies the same update, the one of the whole batch's mean loss. The batch is
+    mixed first when `options` says so (resnext_jax/training/mixing.py); its top-1 and top-5
+    errors are then those of the mixed images against their first labels.
     """
     over_devices = partial(jax.lax.pmean, axis_name=axis_name) if axis_name else lambda t: t
+    key = step_key(options.seed, state.step)
+    images = batch["image"]
+    num_classes = state.params["head"]["bias"].shape[-1]
+    targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes),
+                                  options.label_smoothing)  # fmt: skip
+    if options.mixes:
+        images, targets = mixing.mix(
+            images, targets, jax.random.fold_in(key, 0),
+            mixup_alpha=options.mixup_alpha, cutmix_alpha=options.cutmix_alpha,
+            prob=options.mix_prob, switch_prob=options.mix_switch_prob, axis_name=axis_name,
+        )  # fmt: skip
 
     def loss_fn(params):
         logits, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats},
-            batch["image"],
+            images,
             train=True,
             mutable=["batch_stats"],
+            rngs={"drop_path": jax.random.fold_in(key, 1)},
         )
-        loss = cross_entropy(logits, batch["label"], logits.shape[-1], label_smoothing).mean()
+        loss = loss_per_example(logits, targets, options).mean()
         return loss, (logits, updates["batch_stats"])
 
     params = state.params
@@ -133,6 +212,8 @@ def train_step(state, batch, label_smoothing=0.0, axis_name=None):
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     grads = over_devices(grads)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    if state.ema is not None:
+        state = state.replace(ema=update_ema(state.ema, state, options.ema_decay))
     metrics = over_devices({
         "loss": loss,
         "top1_error": 100 * (1 - topk_correct(logits, batch["label"], 1).mean()),
@@ -142,9 +223,15 @@ def train_step(state, batch, label_smoothing=0.0, axis_name=None):
     return state, metrics
 
 
+def update_ema(ema, state, decay):
+    """The moving averages moved toward the state's new parameters and BN statistics."""
+    new = {"params": state.params, "batch_stats": state.batch_stats}
+    return jax.tree.map(lambda e, x: decay * e + (1 - decay) * x, ema, new)
+
+
 def make_train_step(run: Run, donate=True):
     """The compiled training step over the run's mesh: (state, global batch) -> (state, metrics)."""
-    step = partial(train_step, label_smoothing=run.config.label_smoothing, axis_name=DATA_AXIS)
+    step = partial(train_step, options=StepOptions.from_config(run.config), axis_name=DATA_AXIS)
     return parallel.per_device(
         step, run.mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()),
         donate_argnums=0 if donate else (),
@@ -213,11 +300,15 @@ def create_train_state(run: Run, tx, rng) -> TrainState:
 
     def init():
         variables = run.model.init(rng, jnp.zeros(shape, jnp.float32))
+        ema = None
+        if run.config.get("ema_decay", 0.0) > 0:  # starts at the initial weights, as timm's
+            ema = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
         return TrainState.create(
             apply_fn=run.model.apply,
             params=variables["params"],
             batch_stats=variables["batch_stats"],
             tx=tx,
+            ema=ema,
         )
 
     return jax.jit(init, out_shardings=run.replicated)()

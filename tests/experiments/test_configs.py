@@ -30,7 +30,7 @@ def test_table3_family_and_sweep():
     assert (config.model.depth, config.model.cardinality, config.model.base_width) == (101, 8, 14)
     with pytest.raises(ValueError, match=r"choose one of \['1x64d', '2x40d'"):
         table3.get_config("depth=50,cw=16x4d")
-    with pytest.raises(ValueError, match=r"keys \['depth', 'cw'\]"):
+    with pytest.raises(ValueError, match=r"keys \['depth', 'cw', 'recipe'\]"):
         table3.get_config("depht=50")
     with pytest.raises(ValueError, match=r"choose one of \[50, 101\]"):
         table3.get_config("depth=fifty")
@@ -126,3 +126,20 @@ def test_degradation_family_and_sweep():
         assert sum(shape[:2] == (3, 3) for _, shape in kernels) == 55
         assert sum(shape[:2] == (1, 1) for _, shape in kernels) == projections
         assert [shape for _, shape in kernels if len(shape) == 2] == [(64, 10)]
+
+
+def test_table3_under_a_modern_recipe_and_the_rsb_procedures():
+    config = config_files.load_config("configs/table3.py:depth=50,cw=4x24d,recipe=a3")
+    assert (config.model.cardinality, config.model.base_width) == (4, 24)
+    assert (config.optimizer, config.loss, config.learning_rate, config.num_epochs) == (
+        "lamb", "bce", 8e-3, 100.0)  # fmt: skip
+    assert (config.dataset.image_size, config.dataset.eval_image_size) == (160, 224)
+    paper = config_files.load_config("configs/table3.py:depth=50,cw=4x24d")
+    assert (paper.optimizer, paper.loss, paper.mixup_alpha) == ("sgd", "softmax", 0.0)
+    a1 = config_files.load_config("configs/rsb_a1.py")
+    assert (a1.model.drop_path_rate, a1.dataset.repeated_augmentation, a1.mixup_alpha) == (
+        0.05, 3, 0.2)  # fmt: skip
+    resnet = config_files.load_config("configs/rsb.py:procedure=a2,model=resnet50")
+    assert (resnet.model.cardinality, resnet.weight_decay) == (1, 0.02)
+    with pytest.raises(ValueError, match=r"choose one of \['a1', 'a2', 'a3'\]"):
+        config_files.load_config("configs/rsb.py:procedure=a4")

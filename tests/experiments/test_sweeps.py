@@ -82,11 +82,19 @@ def test_expand_table3_into_runs_with_overrides():
         (depth, c) for depth in (50, 101) for c in (1, 2, 4, 8, 32)}  # fmt: skip
 
 
+def test_a_sweep_under_a_fixed_family_argument():
+    runs = sweeps.expand("configs/table3.py:recipe=a2", 1, "sweeps/t3", python="python")
+    assert len(runs) == 10 and runs[0].setting == "depth=50,cw=1x64d,recipe=a2"
+    assert runs[0].workdir == "sweeps/t3/depth-50_cw-1x64d_recipe-a2/seed0"
+    assert "--config=configs/table3.py:depth=50,cw=1x64d,recipe=a2" in runs[0].command
+    assert {r.config["optimizer"] for r in runs} == {"lamb"}
+
+
 @pytest.mark.slow
 def test_bad_sweeps_fail_before_running_anything():
     with pytest.raises(sweeps.SweepError, match="not a config family: it has no get_sweep"):
         sweeps.expand("configs/fashion_mnist.py", 1, "r")
-    with pytest.raises(sweeps.SweepError, match="give the family file alone"):
+    with pytest.raises(sweeps.SweepError, match=r"already vary \['depth'\]"):
         sweeps.expand("configs/table3.py:depth=50", 1, "r")
     with pytest.raises(sweeps.SweepError, match='Did you mean "seed" instead of "sede"'):
         sweeps.expand("configs/table3.py", 1, "r", ["--config.sede=3"])

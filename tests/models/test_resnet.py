@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from resnext_jax.models import fig3
+from resnext_jax.models import resnet as models_resnet
 from resnext_jax.models.resnet import BatchNorm
 from resnext_jax.models.variants import build_model
 from resnext_jax.ops.activation import relu
@@ -375,3 +376,61 @@ def test_relu_has_jax_nn_relus_gradient_bit_for_bit():
     ours = jax.vjp(relu, x)[1](dy)[0]
     theirs = jax.vjp(jax.nn.relu, x)[1](dy)[0]
     np.testing.assert_array_equal(ours, theirs)
+
+
+def _apply_train(model, variables, x, key):
+    out, _ = model.apply(variables, x, train=True, mutable=["batch_stats"],
+                         rngs={"drop_path": key})  # fmt: skip
+    return out
+
+
+def test_drop_path_drops_whole_branches_in_training_only(tiny_batch):
+    """Rate 0 is the plain model; in training a dropped branch leaves relu(shortcut), a kept
+    one is scaled by 1 / (1 - rate); evaluation never drops."""
+    plain = build_model("_tiny_resnext", bn_group_size=0)
+    dropping = build_model("_tiny_resnext", bn_group_size=0, drop_path_rate=0.6)
+    variables = init(plain, tiny_batch)
+    key = jax.random.key(3)
+    np.testing.assert_array_equal(dropping.apply(variables, tiny_batch),
+                                  plain.apply(variables, tiny_batch))  # fmt: skip
+    np.testing.assert_array_equal(
+        _apply_train(build_model("_tiny_resnext", bn_group_size=0, drop_path_rate=0.0),
+                     variables, tiny_batch, key),
+        _apply_train(plain, variables, tiny_batch, key),
+    )  # fmt: skip
+    a = _apply_train(dropping, variables, tiny_batch, key)
+    b = _apply_train(dropping, variables, tiny_batch, jax.random.key(4))
+    assert not np.array_equal(a, b)  # other draws, other outputs
+
+    # An identity block (the second of three, at rate 0.9 / 2): each example's output is its
+    # input x (post-ReLU, so relu(x) = x) where the branch was dropped.
+    deeper = dict(stage_sizes=(2, 1), depth=11, bn_group_size=0)
+    dropping = build_model("_tiny_resnext", drop_path_rate=0.9, **deeper)
+    variables = init(dropping, tiny_batch)
+    specs = models_resnet.block_specs(dropping)
+    before, last = specs[0].name, specs[1].name
+    assert not specs[1].changes_shape
+    _, state = dropping.apply(
+        variables, tiny_batch, train=True, mutable=["batch_stats", "intermediates"],
+        rngs={"drop_path": key}, capture_intermediates=lambda m, _: m.name in (before, last),
+    )  # fmt: skip
+    x = state["intermediates"][before]["__call__"][0]
+    out = state["intermediates"][last]["__call__"][0]
+    dropped = np.all(np.asarray(out) == np.asarray(x), axis=(1, 2, 3))
+    assert dropped.any() and not dropped.all(), dropped
+
+
+def test_drop_path_rates_rise_linearly_with_depth():
+    model = build_model("_tiny_resnext", drop_path_rate=0.3)
+    seen = {}
+
+    def record(module, _):
+        if isinstance(module, (models_resnet.Bottleneck, models_resnet.BasicBlock)):
+            seen[module.name] = module.drop_path
+        return False
+
+    model.apply(init(model, jnp.zeros((2, 16, 16, 3))), jnp.zeros((2, 16, 16, 3)), train=True,
+                mutable=["batch_stats", "intermediates"], rngs={"drop_path": jax.random.key(0)},
+                capture_intermediates=record)  # fmt: skip
+    rates = [seen[spec.name] for spec in models_resnet.block_specs(model)]
+    np.testing.assert_allclose(rates, np.linspace(0, 0.3, len(rates)))

@@ -472,3 +472,22 @@ def test_max_pool_matches_flax(shape, dtype):
     np.testing.assert_allclose(got[1].astype(np.float32), want[1].astype(np.float32), atol=tol)
     with pytest.raises(TypeError, match="float32 or bfloat16.*got float16"):
         onednn.max_pool(x.astype(jnp.float16), 3, 2, 1)
+
+
+@needs_onednn
+def test_a_cpu_without_bfloat16_kernels_casts_to_float32(monkeypatch):
+    """Where oneDNN has no bfloat16 kernels (no AVX-512), bfloat16 runs as before: cast to
+    float32 around the conv calls, batch norm and pooling in XLA."""
+    from resnext_jax.models import resnet
+
+    if "avx512bw" in Path("/proc/cpuinfo").read_text():  # AVX-512 core: oneDNN has bfloat16
+        assert onednn.bfloat16_native()
+    monkeypatch.setattr(onednn, "bfloat16_native", lambda: False)
+    x = jnp.ones((2, 6, 6, 8), jnp.bfloat16)
+    kernel = jnp.ones((3, 3, 2, 8), jnp.bfloat16)
+    hlo = jax.jit(partial(onednn.grouped_conv, strides=1, padding=1, groups=4)).lower(x, kernel)
+    calls = [line for line in hlo.as_text().splitlines() if "custom_call @resnext_onednn" in line]
+    assert calls and all("bf16" not in line for line in calls)
+    assert not resnet.onednn_dtype(jnp.bfloat16) and resnet.onednn_dtype(jnp.float32)
+    with pytest.raises(TypeError, match="no bfloat16 kernels for this CPU"):
+        onednn.max_pool(x, 3, 2, 1)

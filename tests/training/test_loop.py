@@ -187,7 +187,7 @@ def test_a_best_error_of_zero_is_kept(monkeypatch):
         "loss": 0.1, "top1_error": 5.0, "top5_error": 0.0, "examples": 8})  # fmt: skip
 
     class State:
-        params = batch_stats = None
+        params = batch_stats = ema = None
 
     meta = {**loop.new_meta(), "best_top1_error": 0.0}
     report = logs.Reporter(".", 8, 4, 8, enabled=False)

@@ -122,3 +122,15 @@ def test_damaged_metrics_lines_are_left_out_and_named(tmp_path, capsys):
     reporter.close()
     assert [r["step"] for r in logs.read_metrics(tmp_path)] == [1, 4, 5]
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_fields_added_since_a_run_began_at_their_defaults_change_nothing():
+    old = as_json(config_dict())
+    del old["ema_decay"], old["model"]["drop_path_rate"], old["dataset"]["randaugment_n"]
+    new = as_json(config_dict())
+    added = {"ema_decay": (recipe.ABSENT, 0.0), "model.drop_path_rate": (recipe.ABSENT, 0.0),
+             "dataset.randaugment_n": (recipe.ABSENT, 0)}  # fmt: skip
+    assert recipe.compare(old, new) == ({}, added)  # recorded in history.jsonl, not refused
+    new["ema_decay"] = 0.99  # not the default: a change to the experiment
+    changed, _ = recipe.compare(old, new)
+    assert changed == {"ema_decay": (recipe.ABSENT, 0.99)}

@@ -186,3 +186,16 @@ EXPORT int ResnextOnednnVersion() {
   const dnnl_version_t* v = dnnl_version();
   return v->major * 10000 + v->minor * 100 + v->patch;
 }
+
+// For the Python side, once: whether this CPU's oneDNN builds bfloat16 primitives, probed with
+// a grouped conv and its gradients (bfloat16 needs AVX-512 at least, for batch norm and
+// pooling too; AVX512-BF16 and AMX run it in hardware). 1 if so, 0 if not.
+EXPORT int ResnextOnednnBfloat16Supported() {
+  try {
+    const resnext_onednn::Problem p{2, 8, 8, 16, 16, 3, 3, 1, 1, 4, dnnl::memory::data_type::bf16};
+    resnext_onednn::Primitives prims(p);
+    return 1;
+  } catch (...) {
+    return 0;
+  }
+}

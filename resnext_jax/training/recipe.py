@@ -24,6 +24,16 @@ FREE = (
     "max_steps", "eval_batch_size", "init_from", "model.conv_impl", "dataset.workers",
     "dataset.data_dir", "dataset.bad_examples",
 )  # fmt: skip
+# Fields the config gained after runs were trained without them, each with the value that
+# keeps the earlier behaviour (configs/default.py's): absent in a workdir's config and at this
+# value in the new one, they leave its experiment unchanged.
+ADDED = {
+    "adam_betas": [0.9, 0.999], "adam_eps": 1e-8, "lr_min": 0.0,
+    "loss": "softmax", "bce_target_threshold": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0,
+    "mix_prob": 1.0, "mix_switch_prob": 0.5, "ema_decay": 0.0, "model.drop_path_rate": 0.0,
+    "dataset.randaugment_n": 0, "dataset.randaugment_m": 9.0, "dataset.randaugment_mstd": 0.0,
+    "dataset.random_erasing": 0.0, "dataset.repeated_augmentation": 1,
+}  # fmt: skip
 # The length of a run is free where the schedule does not depend on it (step decay); a cosine
 # schedule is stretched by it, so there num_epochs changes every step's learning rate.
 LENGTH = ("num_epochs",)
@@ -115,27 +125,18 @@ def differences(old: dict, new: dict) -> dict:
 def compare(old: dict, new: dict, finished=False) -> tuple[dict, dict]:
     """(differences that change the experiment, differences that do not) from config `old`
     (a workdir's) to `new`. A `finished` run's length is part of its experiment. A field that
-    `old` lacks (the config gained it after that run began) and `new` sets to its default
-    does not change the experiment: every field is added with a default that keeps the
-    earlier behaviour."""
+    `old` lacks (the config gained it after that run began, `ADDED`) and `new` sets to the
+    value that keeps the earlier behaviour does not change the experiment."""
     free = set(FREE)
     if not finished and flatten(old).get("lr_schedule") == "step" == flatten(new).get(
         "lr_schedule"
     ):
         free.update(LENGTH)
-    defaults = flatten(_default_config())
     diff = differences(old, new)
     free.update(k for k, (a, b) in diff.items()
-                if a == ABSENT and k in defaults and b == defaults[k])  # fmt: skip
+                if a == ABSENT and k in ADDED and b == ADDED[k])  # fmt: skip
     changed = {k: v for k, v in diff.items() if k not in free}
     return changed, {k: v for k, v in diff.items() if k in free}
-
-
-def _default_config() -> dict:
-    """configs/default.py's values, as JSON reads them (every config starts from it)."""
-    from resnext_jax.experiments import config_files  # the configs/ folder of this checkout
-
-    return json.loads(config_files.config_module("default").get_config().to_json())
 
 
 def describe(diff: dict) -> str:

@@ -131,6 +131,8 @@ def test_fields_added_since_a_run_began_at_their_defaults_change_nothing():
     added = {"ema_decay": (recipe.ABSENT, 0.0), "model.drop_path_rate": (recipe.ABSENT, 0.0),
              "dataset.randaugment_n": (recipe.ABSENT, 0)}  # fmt: skip
     assert recipe.compare(old, new) == ({}, added)  # recorded in history.jsonl, not refused
+    defaults = recipe.flatten(as_json(config_dict()))
+    assert {k: defaults[k] for k in recipe.ADDED} == recipe.ADDED  # configs/default.py's values
     new["ema_decay"] = 0.99  # not the default: a change to the experiment
     changed, _ = recipe.compare(old, new)
     assert changed == {"ema_decay": (recipe.ABSENT, 0.99)}

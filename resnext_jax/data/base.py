@@ -145,8 +145,9 @@ def check_repeats(repeats, global_batch=None) -> int:
     return int(repeats)
 
 
-def batch_ids(seed, step, num_examples, global_batch, repeats=1) -> np.ndarray:
-    """The example ids of training step `step`'s global batch (0-based step), in epoch order.
+def batch_ids(seed, step, num_examples, global_batch, repeats=1, sort=False) -> np.ndarray:
+    """The example ids of training step `step`'s global batch (0-based step), in epoch order
+    (with `sort`, the batch's distinct images in id order, each block of copies alike).
 
     Repeated augmentation (`repeats` k > 1, Hoffer et al. 2019; timm's RepeatAugSampler) takes
     ceil(global_batch / k) images and tiles them k times, cut to the batch (a batch that k does
@@ -160,6 +161,8 @@ def batch_ids(seed, step, num_examples, global_batch, repeats=1) -> np.ndarray:
     distinct = -(-global_batch // check_repeats(repeats, global_batch))
     epoch, index = divmod(step, steps_per_epoch(num_examples, distinct))
     ids = epoch_permutation(seed, epoch, num_examples)[index * distinct :][:distinct]
+    if sort:
+        ids = np.sort(ids)
     return np.tile(ids, repeats)[:global_batch]
 
 

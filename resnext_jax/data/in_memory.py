@@ -96,12 +96,10 @@ class InMemorySource:
         step = start_step
         while True:
             epoch, index = divmod(step, per_epoch)
-            ids = base.batch_ids(seed, step, self.num_train, global_batch, self.repeats)
             # Sorted before the split, so that the global batch and its row order (and so its
-            # BN groups) are the same on any number of processes; each block of repeated
-            # copies alike, so that rows B/k apart keep holding one image.
-            distinct = -(-global_batch // self.repeats)
-            ids = np.tile(np.sort(ids[:distinct]), self.repeats)[:global_batch][local]
+            # BN groups) are the same on any number of processes.
+            ids = base.batch_ids(seed, step, self.num_train, global_batch, self.repeats,
+                                 sort=True)[local]  # fmt: skip
             images = self.train_images[ids]
             key = [seed, epoch, index]
             rng = np.random.default_rng(key)

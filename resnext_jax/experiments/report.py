@@ -13,6 +13,7 @@ and test error by depth, plain against residual (depth_study.csv), a plot of bot
 depth, and Fig. 6's training curves; the Table 3 plots, meaningless for it, are left out.
 """
 
+import collections
 import csv
 import dataclasses
 import io
@@ -183,7 +184,9 @@ def group(runs: list[RunFiles]) -> dict[str, list[Setting]]:
 
 def _name_variants(table: list[Setting]):
     """Settings in the same cell differ in some fields: every setting of the table gets its
-    values of those fields as a row label, so each cell holds one setting."""
+    values of those fields as a row label, so each cell holds one setting. A value that more
+    than half of the table's settings share is left out of the labels, so an ablation (one
+    change per setting) labels each row with its change alone and the recipe with none."""
     cells = {}
     for s in table:
         cells.setdefault((s.depth, s.column), []).append(s)
@@ -192,9 +195,14 @@ def _name_variants(table: list[Setting]):
         flat = [recipe.flatten({k: v for k, v in s.config.items() if k != "seed"}) for s in alike]
         for a in flat[1:]:
             fields.update(recipe.differences(flat[0], a))
-    for s in table:
-        flat = recipe.flatten(s.config)
-        s.variant = ", ".join(f"{k}={json.dumps(flat.get(k))}" for k in sorted(fields))
+    values = [{k: json.dumps(recipe.flatten(s.config).get(k)) for k in fields} for s in table]
+    majority = {}
+    for k in fields:
+        value, count = collections.Counter(v[k] for v in values).most_common(1)[0]
+        if 2 * count > len(table):
+            majority[k] = value
+    for s, v in zip(table, values, strict=True):
+        s.variant = ", ".join(f"{k}={v[k]}" for k in sorted(fields) if majority.get(k) != v[k])
 
 
 def mean_std(values):
@@ -205,10 +213,13 @@ def mean_std(values):
     return statistics.fmean(values), std, len(values)
 
 
-def error_cell(setting: Setting | None) -> str:
+EMA_TOP1 = "ema_top1_error"  # results.json's error of the weights' moving average
+
+
+def error_cell(setting: Setting | None, key="top1_error") -> str:
     if setting is None:
         return ""
-    return values_cell(setting.values("top1_error"), len(setting.unfinished))
+    return values_cell(setting.values(key), len(setting.unfinished))
 
 
 def values_cell(values, unfinished=0) -> str:
@@ -272,7 +283,9 @@ def markdown(root, tables, runs, not_started, plots, studies=()) -> str:
         f"Runs under `{root}`: {finished} finished, {len(runs) - finished} unfinished, "
         f"{len(not_started)} not started. Cells: top-1 error (%) on the eval split at the end "
         "of training, mean ± sample standard deviation over the finished runs (seeds) of a "
-        "setting, n of them; rows are depths, columns cardinality x bottleneck width (C x d).",
+        "setting, n of them; rows are depths, columns cardinality x bottleneck width (C x d); "
+        "an EMA column, where runs kept one (config.ema_decay), is the same for the moving "
+        "average of the weights.",
     ]
     for dataset, table in tables.items():
         rows, columns, cells = layout(table)
@@ -280,15 +293,18 @@ def markdown(root, tables, runs, not_started, plots, studies=()) -> str:
         # ResNeXt-50's figures stand beside another dataset's only as a trend across C x d
         # settings; with one setting (a depth study, say) there is no trend to show.
         paper = paper_kind(dataset) != "other" or len(columns) > 1
+        # Runs with config.ema_decay also report the moving average's error, beside the raw.
+        ema = any(s.values(EMA_TOP1) for s in table)
         header = ["depth"]
         for c in columns:
-            header += [c, header_paper] if paper else [c]
+            header += [c] + ([f"{c} EMA"] if ema else []) + ([header_paper] if paper else [])
         body = []
         for row in rows:
             line = [_row_label(row)]
             for c in columns:
                 s = cells.get((row, c))
                 line += [error_cell(s)]
+                line += [error_cell(s, EMA_TOP1)] if ema else []
                 line += [_paper_cell(s.paper_top1()) if s else ""] if paper else []
             body.append(line)
         complexity = [[_row_label(row)] + [complexity_cell(cells.get((row, c))) for c in columns]
@@ -377,7 +393,8 @@ def table_csv(tables) -> str:
     return _csv(header, rows)
 
 
-SETTING_STATS = ("top1_error", "top5_error", "best_top1_error", "params", "flops", "wall_time_s")
+SETTING_STATS = ("top1_error", "top5_error", "best_top1_error", EMA_TOP1, "params", "flops",
+                 "wall_time_s")  # fmt: skip
 
 
 def settings_csv(tables) -> str:
@@ -398,7 +415,7 @@ def settings_csv(tables) -> str:
 
 
 def runs_csv(runs, not_started) -> str:
-    keys = ("top1_error", "top5_error", "best_top1_error", "params", "flops", "wall_time_s")
+    keys = SETTING_STATS
     header = ["path", "status", "dataset", "model", "depth", "setting", "seed", *keys,
               "last_step", "last_epoch"]  # fmt: skip
     rows = []

@@ -143,3 +143,30 @@ def test_table3_under_a_modern_recipe_and_the_rsb_procedures():
     assert (resnet.model.cardinality, resnet.weight_decay) == (1, 0.02)
     with pytest.raises(ValueError, match=r"choose one of \['a1', 'a2', 'a3'\]"):
         config_files.load_config("configs/rsb.py:procedure=a4")
+
+
+def test_fashion_mnist_modern_ablation_changes_one_tool_per_setting():
+    from resnext_jax.training import recipe
+
+    family = config_files.config_module("fashion_mnist_modern")
+    sweep = family.get_sweep()
+    assert sweep[0] == "change=none" and len(sweep) == len(family.CHANGES)
+    base = config_files.load_config("configs/fashion_mnist_modern.py")
+    assert (base.model.planes, base.dataset.augment, base.dataset.random_erasing) == (
+        64, "flip", 0.25)  # fmt: skip
+    flat = recipe.flatten(base.to_dict())
+    changed = {}
+    for arg in sweep[1:]:
+        config = config_files.load_config(f"configs/fashion_mnist_modern.py:{arg}")
+        changed[arg] = sorted(recipe.differences(flat, recipe.flatten(config.to_dict())))
+    assert changed == {
+        "change=no_erasing": ["dataset.random_erasing"],
+        "change=no_smoothing": ["label_smoothing"],
+        "change=crop": ["dataset.augment"],
+        "change=mixup": ["cutmix_alpha", "mix_prob", "mixup_alpha"],
+        "change=randaugment": ["dataset.randaugment_m", "dataset.randaugment_n"],
+        "change=drop_path": ["model.drop_path_rate"],
+        "change=narrow": ["model.planes", "model.stem_width"],
+    }
+    with pytest.raises(ValueError, match="choose one of"):
+        config_files.load_config("configs/fashion_mnist_modern.py:change=dropout")

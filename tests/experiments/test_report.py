@@ -22,7 +22,7 @@ def fmnist_config(depth, cardinality, base_width):
     return config
 
 
-def fake_run(workdir, config, seed, top1=None, params=1000, flops=2_000_000, epochs=2):
+def fake_run(workdir, config, seed, top1=None, params=1000, flops=2_000_000, epochs=2, ema=None):
     """A work directory as train.py leaves it: config.json, metrics.jsonl, and results.json
     if `top1` is given (finished). Train error is eval error + 1 at each epoch, which falls
     by 10 per epoch to `top1` (or to 30 for an unfinished run)."""
@@ -43,6 +43,8 @@ def fake_run(workdir, config, seed, top1=None, params=1000, flops=2_000_000, epo
                    "params": params, "flops": flops, "seed": seed, "top1_error": top1,
                    "top5_error": top1 / 4, "best_top1_error": top1 - 1, "wall_time_s": 60.0,
                    "status": "finished"}  # fmt: skip
+        if ema is not None:
+            results["ema_top1_error"] = ema
         (workdir / "results.json").write_text(json.dumps(results))
 
 
@@ -192,9 +194,10 @@ def test_settings_sharing_a_cell_get_their_own_rows(tmp_path):
     fake_run(tmp_path / "c", table3_config("depth=50,cw=1x64d"), 0, 24.0)
     md = (report.write_report(tmp_path, tmp_path / "out", plots=False)["report.md"]
           .read_text())  # fmt: skip
+    # Two of the three settings have shortcuts: the label names the one that departs.
     assert (
+        "| 50 | 24.00 (n=1) | 23.9 | 22.00 (n=1) | 22.2 |\n"
         "| 50 (model.shortcut=false) |  |  | 26.00 (n=1) | 26.1 |\n"
-        "| 50 (model.shortcut=true) | 24.00 (n=1) | 23.9 | 22.00 (n=1) | 22.2 |\n"
     ) in md
 
 
@@ -283,3 +286,39 @@ def test_a_study_needs_both_shortcuts_and_two_depths(runs_dir, tmp_path):
         report.write_report(tmp_path, tmp_path / "out", plots=False).keys()
         - {"report.md", "table.csv", "settings.csv", "runs.csv", "depth_study.csv"}
     )
+
+
+def test_moving_average_errors_stand_beside_the_raw_ones(tmp_path):
+    config = fmnist_config(11, 4, 16)
+    smoothed = fmnist_config(11, 4, 16)
+    smoothed["label_smoothing"] = 0.1
+    for seed, (top1, ema) in enumerate(((8.0, 7.0), (9.0, 8.0))):
+        fake_run(tmp_path / f"a/seed{seed}", config, seed, top1, ema=ema)
+    fake_run(tmp_path / "b/seed0", smoothed, 0, 6.0)  # trained without an EMA
+    out = report.write_report(tmp_path, tmp_path / "out", plots=False)
+    md = out["report.md"].read_text()
+    assert "| depth | 4x16d | 4x16d EMA |\n" in md
+    assert "| 11 (label_smoothing=0.0) | 8.50 ± 0.71 (n=2) | 7.50 ± 0.71 (n=2) |\n" in md
+    assert "| 11 (label_smoothing=0.1) | 6.00 (n=1) | - (n=0) |\n" in md
+    settings = {r["variant"]: r for r in read_csv(out["settings.csv"])}
+    assert settings["label_smoothing=0.0"]["ema_top1_error_mean"] == "7.5"
+    assert settings["label_smoothing=0.1"]["ema_top1_error_mean"] == ""
+    runs = {r["path"]: r for r in read_csv(out["runs.csv"])}
+    assert runs["a/seed1"]["ema_top1_error"] == "8.0"
+
+
+def test_an_ablation_labels_each_row_with_its_change_alone(tmp_path):
+    base = fmnist_config(11, 4, 16)
+    smoothed = fmnist_config(11, 4, 16)
+    smoothed["label_smoothing"] = 0.1
+    wide = fmnist_config(11, 4, 16)
+    wide["model"].update(planes=64, stem_width=64)
+    for name, config, top1 in (("base", base, 7.0), ("ls", smoothed, 6.5), ("wide", wide, 6.0)):
+        fake_run(tmp_path / name, config, 0, top1)
+    md = (report.write_report(tmp_path, tmp_path / "out", plots=False)["report.md"]
+          .read_text())  # fmt: skip
+    assert (
+        "| 11 | 7.00 (n=1) |\n"
+        "| 11 (label_smoothing=0.1) | 6.50 (n=1) |\n"
+        "| 11 (model.planes=64, model.stem_width=64) | 6.00 (n=1) |\n"
+    ) in md

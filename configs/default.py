@@ -61,6 +61,8 @@ def get_config():
     # 256 images per step over 8 GPUs, 32 per GPU: model.bn_group_size keeps BN at 32 images.
     config.batch_size = 256  # global, over all devices and processes
     config.eval_batch_size = 256
+    # Test-time flip: evaluate each image and its mirror image, averaging the class probabilities.
+    config.eval_flip = False
     config.num_epochs = 100.0  # may be fractional (steps = round(epochs * steps per epoch))
 
     config.optimizer = "sgd"  # "sgd" (the paper's), "adamw" or "lamb"

@@ -22,7 +22,7 @@ HISTORY_FILE = "history.jsonl"  # in a run's workdir: one row per launch that ch
 FREE = (
     "log_every_steps", "eval_every_epochs", "checkpoint_every_steps", "keep_checkpoints",
     "max_steps", "eval_batch_size", "init_from", "model.conv_impl", "dataset.workers",
-    "dataset.data_dir", "dataset.bad_examples",
+    "dataset.data_dir", "dataset.bad_examples", "eval_flip",
 )  # fmt: skip
 # Fields the config gained after runs were trained without them, each with the value that
 # keeps the earlier behaviour (configs/default.py's): absent in a workdir's config and at this
@@ -32,7 +32,7 @@ ADDED = {
     "loss": "softmax", "bce_target_threshold": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0,
     "mix_prob": 1.0, "mix_switch_prob": 0.5, "ema_decay": 0.0, "model.drop_path_rate": 0.0,
     "dataset.randaugment_n": 0, "dataset.randaugment_m": 9.0, "dataset.randaugment_mstd": 0.0,
-    "dataset.random_erasing": 0.0, "dataset.repeated_augmentation": 1,
+    "dataset.random_erasing": 0.0, "dataset.repeated_augmentation": 1, "eval_flip": False,
 }  # fmt: skip
 # The length of a run is free where the schedule does not depend on it (step decay); a cosine
 # schedule is stretched by it, so there num_epochs changes every step's learning rate.

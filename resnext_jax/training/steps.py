@@ -238,9 +238,18 @@ def make_train_step(run: Run, donate=True):
     )  # fmt: skip
 
 
-def eval_step(variables, batch, apply_fn, axis_name=None):
-    """Sums over the real (unmasked) examples of a padded batch (with `axis_name`: all rows)."""
+def eval_step(variables, batch, apply_fn, axis_name=None, flip=False):
+    """Sums over the real (unmasked) examples of a padded batch (with `axis_name`: all rows).
+
+    With `flip`, each NHWC image is also evaluated mirrored and the two softmax distributions
+    are averaged: the loss and the ranks are those of the mean probabilities.
+    """
     logits = apply_fn(variables, batch["image"], train=False)
+    if flip:
+        mirrored = apply_fn(variables, batch["image"][:, :, ::-1], train=False)
+        probs = (jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+                 + jax.nn.softmax(mirrored.astype(jnp.float32), axis=-1)) / 2  # fmt: skip
+        logits = jnp.log(probs)  # log-probabilities: cross_entropy of them is -log p(label)
     mask = batch["mask"].astype(jnp.float32)
     loss = cross_entropy(logits, batch["label"], logits.shape[-1])
     sums = {
@@ -254,7 +263,8 @@ def eval_step(variables, batch, apply_fn, axis_name=None):
 
 def make_eval_step(run: Run):
     """The compiled evaluation step over the run's mesh: (variables, global batch) -> sums."""
-    step = partial(eval_step, apply_fn=run.model.apply, axis_name=DATA_AXIS)
+    step = partial(eval_step, apply_fn=run.model.apply, axis_name=DATA_AXIS,
+                   flip=bool(run.config.get("eval_flip", False)))  # fmt: skip
     return parallel.per_device(step, run.mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P())
 
 

@@ -88,3 +88,41 @@ def test_metrics_do_not_depend_on_the_eval_batch_size(source_and_variables):
                 metrics[key], expected[key], rtol=1e-6, atol=1e-6,
                 err_msg=f"{key} at eval_batch_size={eval_batch_size}",
             )  # fmt: skip
+
+
+def test_flip_eval_ranks_the_mean_probabilities_of_an_image_and_its_mirror():
+    """A model that reads the image's one row as logits (plus a bias): mirrored, the image votes
+    for another class, and the averaged distribution, not either vote, decides."""
+    image = jnp.array([2.0, 0.0, 0.0]).reshape(1, 1, 3, 1)  # NHWC, width 3
+    bias = jnp.array([0.0, 0.0, 0.5])
+    batch = {"image": image, "label": jnp.array([0]), "mask": np.array([True])}
+
+    def apply_fn(variables, images, train):
+        return images[:, 0, :, 0] + bias
+
+    plain = steps.eval_step({}, batch, apply_fn=apply_fn)
+    flipped = steps.eval_step({}, batch, apply_fn=apply_fn, flip=True)
+    probs = jax.nn.softmax(np.array([2.0, 0.0, 0.5])) + jax.nn.softmax(np.array([0.0, 0.0, 2.5]))
+    probs = np.asarray(probs) / 2
+    assert float(plain["top1_correct"]) == 1  # class 0 alone
+    assert float(flipped["top1_correct"]) == 0  # the mean favours class 2
+    assert probs.argmax() == 2
+    assert float(flipped["loss"]) == pytest.approx(-np.log(probs[0]), rel=1e-5)
+
+
+def test_eval_flip_config_evaluates_each_image_and_its_mirror(source_and_variables):
+    source, variables, logits = source_and_variables
+    config = _config(BATCH_SIZES[1])
+    with config.unlocked():
+        config.eval_flip = True
+    run = dataclasses.replace(steps.build_run(config), source=source)
+    images = next(source.eval_batches(EXAMPLES))["image"]
+    mirrored = np.asarray(run.model.apply(variables, images[:, :, ::-1], train=False))
+    assert not np.allclose(mirrored, logits)  # the tiny model is not mirror-symmetric
+    probs = (jax.nn.softmax(logits, -1) + jax.nn.softmax(mirrored, -1)) / 2
+    labels = source.eval_labels
+    expected_loss = float(np.mean(-np.log(np.asarray(probs)[np.arange(EXAMPLES), labels])))
+    expected_top1 = 100 * float(np.mean(np.asarray(probs).argmax(-1) != labels))
+    metrics = steps.evaluate(run, jax.device_put(variables, run.replicated))
+    np.testing.assert_allclose(metrics["loss"], expected_loss, rtol=1e-5)
+    np.testing.assert_allclose(metrics["top1_error"], expected_top1, atol=1e-6)

@@ -214,6 +214,7 @@ def mean_std(values):
 
 
 EMA_TOP1 = "ema_top1_error"  # results.json's error of the weights' moving average
+CURVE_COLUMNS = 4  # panels per row of the training-curve figure
 
 
 def error_cell(setting: Setting | None, key="top1_error") -> str:
@@ -502,9 +503,14 @@ def plot_table(dataset, table, out_dir) -> list[tuple[str, str]]:
         fig, out_dir, f"top1_vs_cardinality_{slug}.png", "top-1 error vs cardinality", written
     )
 
-    fig, axes = plt.subplots(1, len(rows), figsize=(max(7.0, 5.2 * len(rows)), 4.2), squeeze=False,
-                             sharey=True)  # fmt: skip
-    for ax, row in zip(axes[0], rows, strict=True):
+    ncols = min(len(rows), CURVE_COLUMNS)  # a grid of panels, one per row of the table
+    nrows = -(-len(rows) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(7.0, 5.2 * ncols), 4.2 * nrows),
+                             squeeze=False, sharey=True)  # fmt: skip
+    axes = axes.ravel()
+    for ax in axes[len(rows) :]:
+        ax.set_visible(False)
+    for ax, row in zip(axes, rows, strict=False):
         for j, c in enumerate(columns):
             s = cells.get((row, c))
             if s is None or not s.runs:
@@ -515,7 +521,8 @@ def plot_table(dataset, table, out_dir) -> list[tuple[str, str]]:
         ax.set_title(f"depth {_row_label(row)}")
         ax.set_xlabel("epoch")
         ax.legend(fontsize="small")
-    axes[0][0].set_ylabel("top-1 error (%): dashed train, solid eval")
+    for ax in axes[::ncols]:
+        ax.set_ylabel("top-1 error (%): dashed train, solid eval")
     fig.suptitle(f"{dataset}: top-1 error during training, mean over seeds (cf. Fig. 5)")
     _save_figure(fig, out_dir, f"curves_{slug}.png", "train and eval top-1 error vs epoch", written)
     return written

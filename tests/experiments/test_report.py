@@ -322,3 +322,17 @@ def test_an_ablation_labels_each_row_with_its_change_alone(tmp_path):
         "| 11 (label_smoothing=0.1) | 6.50 (n=1) |\n"
         "| 11 (model.planes=64, model.stem_width=64) | 6.00 (n=1) |\n"
     ) in md
+
+
+def test_curves_of_many_rows_form_a_grid(tmp_path):
+    """Six rows of a table: two rows of panels (at most report.CURVE_COLUMNS wide), not six in
+    one strip whose titles run into each other."""
+    for depth in (11, 20, 29, 38, 47, 56):
+        fake_run(tmp_path / "runs" / f"d{depth}/seed0", fmnist_config(depth, 4, 16), 0, 7.0)
+    out = tmp_path / "report"
+    done = subprocess.run([sys.executable, "scripts/report.py", str(tmp_path / "runs"),
+                           f"--out={out}"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    png = (out / "curves_fashion_mnist.png").read_bytes()
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert 2.0 < width / height < 3.0, (width, height)  # 4 x 2 panels; one strip would be 7.4

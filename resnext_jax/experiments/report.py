@@ -170,8 +170,9 @@ def group(runs: list[RunFiles]) -> dict[str, list[Setting]]:
     for run in runs:
         if run.config is None:
             continue
-        key = json.dumps({k: v for k, v in run.config.items() if k != "seed"}, sort_keys=True)
-        setting = settings.setdefault(key, Setting(run.config))
+        config = recipe.with_added(run.config)  # a field added since a run: at its old value
+        key = json.dumps({k: v for k, v in config.items() if k != "seed"}, sort_keys=True)
+        setting = settings.setdefault(key, Setting(config))
         (setting.runs if run.results else setting.unfinished).append(run)
     tables = {}
     for setting in settings.values():

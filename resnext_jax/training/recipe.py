@@ -139,6 +139,19 @@ def compare(old: dict, new: dict, finished=False) -> tuple[dict, dict]:
     return changed, {k: v for k, v in diff.items() if k in free}
 
 
+def with_added(config: dict) -> dict:
+    """A copy of a saved config dict with every `ADDED` field it lacks at the value that keeps
+    its run's behaviour, so runs from before and after a field was added compare alike."""
+    out = json.loads(json.dumps(config))
+    for dotted, value in ADDED.items():
+        *parents, name = dotted.split(".")
+        node = out
+        for key in parents:
+            node = node.setdefault(key, {})
+        node.setdefault(name, value)
+    return out
+
+
 def describe(diff: dict) -> str:
     """One line per field: `  model.cardinality: 32 in the workdir, 8 now`."""
     return "\n".join(f"  {k}: {_show(old)} in the workdir, {_show(new)} now"

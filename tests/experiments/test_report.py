@@ -330,9 +330,22 @@ def test_curves_of_many_rows_form_a_grid(tmp_path):
     for depth in (11, 20, 29, 38, 47, 56):
         fake_run(tmp_path / "runs" / f"d{depth}/seed0", fmnist_config(depth, 4, 16), 0, 7.0)
     out = tmp_path / "report"
-    done = subprocess.run([sys.executable, "scripts/report.py", str(tmp_path / "runs"),
-                           f"--out={out}"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    command = [sys.executable, "scripts/report.py", str(tmp_path / "runs"), f"--out={out}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     png = (out / "curves_fashion_mnist.png").read_bytes()
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
     assert 2.0 < width / height < 3.0, (width, height)  # 4 x 2 panels; one strip would be 7.4
+
+
+def test_runs_from_before_a_field_was_added_join_their_setting(tmp_path):
+    """A run whose config.json predates a field (recipe.ADDED) ran at the value that keeps the
+    old behaviour: it is a seed of the same setting, not a setting of its own."""
+    new = fmnist_config(11, 4, 16)
+    old = json.loads(json.dumps(new))
+    del old["eval_flip"], old["dataset"]["random_erasing"]
+    fake_run(tmp_path / "old/seed0", old, 0, 7.0)
+    fake_run(tmp_path / "new/seed1", new, 1, 8.0)
+    table = report.group(report.collect(tmp_path)[0])["fashion_mnist"]
+    assert len(table) == 1 and len(table[0].runs) == 2
+    assert table[0].variant == ""

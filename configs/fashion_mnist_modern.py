@@ -7,10 +7,12 @@
 The offline default's ResNeXt-11 (4x16d) at ImageNet's width (a 64-channel stem and 64
 first-stage planes instead of 32), in bfloat16 (on CPUs with bfloat16 kernels;
 --config.model.dtype=float32 elsewhere), for `EPOCHS` epochs with flips, random erasing, label
-smoothing and an EMA of the weights (its error is reported beside the raw weights', so it needs
-no run of its own). The sweep changes one thing at a time (`change=`, `CHANGES`): a tool of the
-recipe taken out, a tool of the modern toolbox put in, or the default's narrower network. What
-each did, over which seeds, on which machine: docs/results/fmnist_modern/README.md.
+smoothing and an EMA of the weights, and evaluated with test-time flips. The EMA's error is
+reported beside the raw weights', so it needs no run of its own; test-time flips change no
+weight, so `scripts/eval.py --config.eval_flip=False` scores a run without them. The sweep
+changes one thing at a time (`change=`, `CHANGES`): a tool of the recipe taken out, a tool of
+the modern toolbox put in, or the default's narrower network. What each did, over which seeds,
+on which machine: docs/results/fmnist_modern/README.md.
 """
 
 from resnext_jax.experiments import config_files
@@ -77,6 +79,7 @@ def get_config(arg="change=none"):
     config.dataset.random_erasing = 0.25
     config.label_smoothing = 0.1
     config.ema_decay = 0.999
+    config.eval_flip = True
     config.num_epochs = EPOCHS
     config.eval_every_epochs = 4.0
     CHANGES[args["change"]](config)

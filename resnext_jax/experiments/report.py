@@ -22,6 +22,7 @@ import math
 import os
 import pathlib
 import statistics
+import textwrap
 
 import ml_collections
 
@@ -519,7 +520,7 @@ def plot_table(dataset, table, out_dir) -> list[tuple[str, str]]:
             color = colors[j % len(colors)]
             ax.plot(*curves(s, "train"), color=color, lw=1, ls="--")
             ax.plot(*curves(s, "eval"), color=color, lw=2, label=f"{s.model} (n={len(s.runs)})")
-        ax.set_title(f"depth {_row_label(row)}")
+        ax.set_title(textwrap.fill(f"depth {_row_label(row)}", 48), fontsize="medium")
         ax.set_xlabel("epoch")
         ax.legend(fontsize="small")
     for ax in axes[::ncols]:

@@ -49,6 +49,31 @@ def _drop_path(config):
     config.model.drop_path_rate = 0.05
 
 
+def _adamw(config):
+    config.optimizer = "adamw"
+    config.learning_rate = 1e-3
+    config.weight_decay = 0.05
+    config.weight_decay_on = "kernels"
+    config.warmup_epochs = 1.0
+
+
+def _lamb(config):
+    config.optimizer = "lamb"
+    config.learning_rate = 5e-3
+    config.weight_decay = 0.02
+    config.weight_decay_on = "kernels"
+    config.warmup_epochs = 1.0
+
+
+def _bce(config):
+    config.loss = "bce"
+    config.bce_target_threshold = 0.2
+
+
+def _repeated(config):
+    config.dataset.repeated_augmentation = 3
+
+
 def _narrow(config):
     config.model.stem_width = 32
     config.model.planes = 32
@@ -64,6 +89,12 @@ CHANGES = {
     "randaugment": _randaugment,  # one op at magnitude 5 per image
     "drop_path": _drop_path,
     "narrow": _narrow,  # the offline default's network: 32 stem channels and first-stage planes
+    # The optimizers and loss of timm's A1-A3 at this batch (128, lr per 128 images), with one
+    # epoch of warmup and no decay on BN and biases; repeated augmentation as A1 and A2.
+    "adamw": _adamw,
+    "lamb": _lamb,
+    "bce": _bce,  # binary cross-entropy, targets above 0.2 count as 1
+    "repeated": _repeated,  # each image 3 times per batch, differently augmented
 }
 
 

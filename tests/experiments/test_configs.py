@@ -167,6 +167,12 @@ def test_fashion_mnist_modern_ablation_changes_one_tool_per_setting():
         "change=randaugment": ["dataset.randaugment_m", "dataset.randaugment_n"],
         "change=drop_path": ["model.drop_path_rate"],
         "change=narrow": ["model.planes", "model.stem_width"],
-    }
+        "change=adamw": ["learning_rate", "optimizer", "warmup_epochs", "weight_decay",
+                         "weight_decay_on"],
+        "change=lamb": ["learning_rate", "optimizer", "warmup_epochs", "weight_decay",
+                        "weight_decay_on"],
+        "change=bce": ["bce_target_threshold", "loss"],
+        "change=repeated": ["dataset.repeated_augmentation"],
+    }  # fmt: skip
     with pytest.raises(ValueError, match="choose one of"):
         config_files.load_config("configs/fashion_mnist_modern.py:change=dropout")

@@ -15,6 +15,8 @@ the modern toolbox put in, or the default's narrower network. What each did, ove
 on which machine: docs/results/fmnist_modern/README.md.
 """
 
+import functools
+
 from resnext_jax.experiments import config_files
 
 fashion_mnist = config_files.sibling(__file__, "fashion_mnist")
@@ -49,18 +51,10 @@ def _drop_path(config):
     config.model.drop_path_rate = 0.05
 
 
-def _adamw(config):
-    config.optimizer = "adamw"
-    config.learning_rate = 1e-3
-    config.weight_decay = 0.05
-    config.weight_decay_on = "kernels"
-    config.warmup_epochs = 1.0
-
-
-def _lamb(config):
-    config.optimizer = "lamb"
-    config.learning_rate = 5e-3
-    config.weight_decay = 0.02
+def _optimizer(config, name, learning_rate, weight_decay):
+    config.optimizer = name
+    config.learning_rate = learning_rate
+    config.weight_decay = weight_decay
     config.weight_decay_on = "kernels"
     config.warmup_epochs = 1.0
 
@@ -91,8 +85,8 @@ CHANGES = {
     "narrow": _narrow,  # the offline default's network: 32 stem channels and first-stage planes
     # The optimizers and loss of timm's A1-A3 at this batch (128, lr per 128 images), with one
     # epoch of warmup and no decay on BN and biases; repeated augmentation as A1 and A2.
-    "adamw": _adamw,
-    "lamb": _lamb,
+    "adamw": functools.partial(_optimizer, name="adamw", learning_rate=1e-3, weight_decay=0.05),
+    "lamb": functools.partial(_optimizer, name="lamb", learning_rate=5e-3, weight_decay=0.02),
     "bce": _bce,  # binary cross-entropy, targets above 0.2 count as 1
     "repeated": _repeated,  # each image 3 times per batch, differently augmented
 }

@@ -1,22 +1,29 @@
 #!/usr/bin/env bash
-# Scores every finished run of the Fashion-MNIST modern sweep with test-time flips, raw and EMA
-# weights, and writes flip_eval.csv beside this script:
+# Scores every finished run of the Fashion-MNIST modern sweep with and without test-time flips,
+# raw and EMA weights, and writes flip_eval.csv beside this script:
 #     bash docs/results/fmnist_modern/flip_eval.sh [SWEEP_DIR]
 # Each score is scripts/eval.py's JSON in the run's workdir (eval_flip_raw.json,
-# eval_flip_ema.json); a run already scored is not scored again.
+# eval_flip_ema.json; eval_plain_*.json for runs that evaluated with flips themselves, whose
+# results.json then holds the flip scores); a run already scored is not scored again.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 root=${1:-workdirs/sweeps/fashion_mnist_modern}
 python=${PYTHON:-.venv/bin/python}
+score() {  # run change flip weights out
+  if [ -f "$5" ]; then return; fi
+  local flag=--noema; [ "$4" = ema ] && flag=--ema
+  "$python" scripts/eval.py --config="configs/fashion_mnist_modern.py:change=$2" \
+    --config.eval_flip="$3" $flag --workdir="$1" --output="$5"
+}
 for run in "$root"/change-*/seed*; do
   [ -f "$run/results.json" ] || continue
   change=$(basename "$(dirname "$run")"); change=${change#change-}
+  flipped=$("$python" -c "import json,sys; print(json.load(open(sys.argv[1]))['config'].get('eval_flip', False))" "$run/results.json")
   for weights in raw ema; do
-    out=$run/eval_flip_$weights.json
-    [ -f "$out" ] && continue
-    flag=--noema; [ $weights = ema ] && flag=--ema
-    "$python" scripts/eval.py --config="configs/fashion_mnist_modern.py:change=$change" \
-      --config.eval_flip=True $flag --workdir="$run" --output="$out"
+    score "$run" "$change" True $weights "$run/eval_flip_$weights.json"
+    if [ "$flipped" = True ]; then
+      score "$run" "$change" False $weights "$run/eval_plain_$weights.json"
+    fi
   done
 done
 "$python" - "$root" > docs/results/fmnist_modern/flip_eval.csv <<'PY'
@@ -28,7 +35,13 @@ for run in sorted(root.glob("change-*/seed*")):
     if not (run / "results.json").exists():
         continue
     results = json.loads((run / "results.json").read_text())
-    raw, ema = (json.loads((run / f"eval_flip_{w}.json").read_text()) for w in ("raw", "ema"))
+    if results["config"].get("eval_flip", False):  # results.json holds the flip scores
+        plain = [json.loads((run / f"eval_plain_{w}.json").read_text())["top1_error"]
+                 for w in ("raw", "ema")]
+    else:
+        plain = [results["top1_error"], results["ema_top1_error"]]
+    flip = [json.loads((run / f"eval_flip_{w}.json").read_text())["top1_error"]
+            for w in ("raw", "ema")]
     out.writerow([run.relative_to(root).as_posix()] + [f"{x:.2f}" for x in (
-        results["top1_error"], raw["top1_error"], results["ema_top1_error"], ema["top1_error"])])
+        plain[0], flip[0], plain[1], flip[1])])
 PY

@@ -247,9 +247,13 @@ def eval_step(variables, batch, apply_fn, axis_name=None, flip=False):
     logits = apply_fn(variables, batch["image"], train=False)
     if flip:
         mirrored = apply_fn(variables, batch["image"][:, :, ::-1], train=False)
-        probs = (jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-                 + jax.nn.softmax(mirrored.astype(jnp.float32), axis=-1)) / 2  # fmt: skip
-        logits = jnp.log(probs)  # log-probabilities: cross_entropy of them is -log p(label)
+        # log of the mean probability, in log space (no underflow to log 0): log-probabilities,
+        # whose cross_entropy is -log p(label)
+        logits = jnp.logaddexp(
+            jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1),
+            jax.nn.log_softmax(mirrored.astype(jnp.float32), axis=-1),
+        )
+        logits = logits - jnp.log(2.0)
     mask = batch["mask"].astype(jnp.float32)
     loss = cross_entropy(logits, batch["label"], logits.shape[-1])
     sums = {

@@ -1,6 +1,7 @@
 """Fashion-MNIST in 20 minutes of a 2-core CPU under modern-recipe tools, and their ablation.
 
     python scripts/train.py --config=configs/fashion_mnist_modern.py
+    python scripts/train.py --config=configs/fashion_mnist_modern.py:change=lamb  # lowest error
     python scripts/sweep.py --config=configs/fashion_mnist_modern.py --seeds=3 --run  # ablation
     python scripts/report.py workdirs/sweeps/fashion_mnist_modern
 

@@ -12,10 +12,14 @@ Columns: forward; input grad (dx) and kernel grad (dw) alone (--parts); fwd+bwd 
 alone; "block": fwd+bwd with a scale+ReLU before and after, as in a ResNeXt block, which is
 what a network sees (XLA fuses neighbours into the conv's ops); the ratio is of "block" to
 the dense conv's. "(auto)" marks the impl `select_impl` picks, "(xla_auto)" its pick among
-the XLA formulations where that differs (`auto` without oneDNN).
+the XLA formulations where that differs (`auto` without oneDNN). Where `onednn` folds the
+kernel gradient of narrow groups (resnext_jax.ops.onednn.kernel_grad_fold), a row
+"onednn, dw unfolded" times it without folding, side by side.
 """
 
 import argparse
+import contextlib
+import os
 import statistics
 import time
 from functools import partial
@@ -100,6 +104,10 @@ SHAPE_SETS = {
 }
 
 
+# The row of `onednn` with its kernel gradient computed at the groups' own width.
+UNFOLDED = "onednn, dw unfolded"
+
+
 def parse_shape(spec):
     """(x_shape, kernel_size, strides, groups, out) from NxHxWxWIDTH[:gG][:kK][:sS][:oO]."""
     dims, *opts = spec.split(":")
@@ -114,8 +122,9 @@ def parse_shape(spec):
     return x_shape, fields["k"], fields["s"], fields["g"], fields["o"] or x_shape[-1]
 
 
-def timed_functions(impl, x_shape, k, strides, groups, out, dtype):
-    """Jitted fwd, input grad, kernel grad, and fwd+bwd of one conv, with their arguments."""
+def timed_functions(impl, x_shape, k, strides, groups, out, dtype, fold=True):
+    """Compiled fwd, input grad, kernel grad, and fwd+bwd of one conv, with their arguments;
+    with `fold=False`, `onednn`'s kernel gradient is not folded (onednn.kernel_grad_fold)."""
     width = x_shape[-1]
     x = jax.random.normal(jax.random.key(0), x_shape, dtype)
     kernel = jax.random.normal(jax.random.key(1), (k, k, width // groups, out), dtype) * 0.05
@@ -148,7 +157,23 @@ def timed_functions(impl, x_shape, k, strides, groups, out, dtype):
         "fwd+bwd": jit(partial(vjp, argnums=(0, 1), with_output=True)),
         "block": jit(block),
     }
+    with _folding(fold):  # read when tracing: compile now
+        fns = {mode: fn.lower(x, kernel, dy).compile() for mode, fn in fns.items()}
     return fns, (x, kernel, dy)
+
+
+@contextlib.contextmanager
+def _folding(on: bool):
+    saved = os.environ.get(onednn.FOLD_SWITCH)
+    if not on:
+        os.environ[onednn.FOLD_SWITCH] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(onednn.FOLD_SWITCH, None)
+        else:
+            os.environ[onednn.FOLD_SWITCH] = saved
 
 
 def median_ms(runs, modes, reps) -> dict:
@@ -189,6 +214,8 @@ def bench_shape(spec, impls, parts, reps, dtype):
         impls = [i for i in impls if i != "pointwise"]
     runs = {"dense C=1": timed_functions("xla", x_shape, k, strides, 1, out, dtype)}
     runs.update({i: timed_functions(i, x_shape, k, strides, groups, out, dtype) for i in impls})
+    if "onednn" in impls and onednn.kernel_grad_fold(x_shape[-1] // groups, groups) > 1:
+        runs[UNFOLDED] = timed_functions("onednn", x_shape, k, strides, groups, out, dtype, False)
     ms = median_ms(runs, modes, reps)
     kernel = (k, k, x_shape[-1] // groups, out)
     auto = conv_ops.select_impl(x_shape, kernel, strides, groups)

@@ -4,9 +4,12 @@
     python scripts/benchmark.py --models=fashion_mnist,resnext29_8x64d --mode=infer --format=json
     python scripts/benchmark.py --models=resnext50_32x4d --impl=auto,xla_auto,shift
     python scripts/benchmark.py --models=resnet50,resnext50_32x4d --batch=8 --devices=1,2
+    python scripts/benchmark.py --models=resnext50_32x4d --env=RESNEXT_JAX_ONEDNN_FOLD=1,0
 
 `--impl` sets the grouped convs' implementation (resnext_jax.ops.conv); with several, each
 model is timed once per implementation, side by side, and torch once beside the first.
+`--env=NAME=A,B` does the same for an environment variable of this project's JAX workers
+(`RESNEXT_JAX_ONEDNN_FOLD=1,0`, say): one row per value, the value named in the impl column.
 
 A model is a variant name (`resnet50`, `resnext50_2x40d`, `resnext29_8x64d`, `_tiny_resnext`)
 or a config (`fashion_mnist`, `cifar:model=resnext29_16x64d`, `configs/table3.py:depth=101`):
@@ -98,7 +101,15 @@ def main(argv=None) -> int:
     if unknown := [i for i in impls if i not in conv.CHOICES]:
         parser.error(f"--impl: unknown {unknown}; choose from {list(conv.CHOICES)}")
     try:
-        targets = [resolve(spec, args, impl, n) for spec in specs for impl in impls for n in counts]
+        envs = parse_env(args.env)
+        targets = []
+        for spec in specs:
+            for impl in impls:
+                for n in counts:
+                    target = resolve(spec, args, impl, n)
+                    for env in envs:  # torch beside the first --impl's first --env only
+                        first = target.first_impl and env == envs[0]
+                        targets.append(dataclasses.replace(target, env=env, first_impl=first))
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     if args.torch and importlib.util.find_spec("torchvision") is None:
@@ -138,6 +149,12 @@ def _parser():
         help="model.conv_impl (grouped convs only), by commas to time several side by side: "
         + ", ".join(conv.CHOICES),
     )
+    add(
+        "--env",
+        default="",
+        help="NAME=A,B: time each JAX row once per value of environment variable NAME, side "
+        "by side (a switch of this project's, such as RESNEXT_JAX_ONEDNN_FOLD=1,0)",
+    )
     add("--dtype", choices=tuple(variants.DTYPES), default="float32",
         help="compute dtype; params stay float32")  # fmt: skip
     add("--torch", action="store_true", help="also time torchvision's model of the same layers")
@@ -176,12 +193,24 @@ class Target:
     name: str
     config: object  # ml_collections.ConfigDict: model, optimizer, synthetic dataset, batch
     res: int
-    first_impl: bool = True  # torch is timed once per model, beside its first --impl
+    first_impl: bool = True  # torch is timed once per model, beside its first --impl and --env
     devices: int = 1
+    env: tuple = ()  # (NAME, value) pairs set in the JAX worker's environment
 
     @property
     def input_shape(self):
         return (self.res, self.res, self.config.model.input_channels)
+
+
+def parse_env(text: str) -> list[tuple]:
+    """`--env`'s NAME=A,B as [((NAME, A),), ((NAME, B),)]; [()] for none."""
+    if not text:
+        return [()]
+    name, sep, values = text.partition("=")
+    if not sep or not name.isidentifier() or not values:
+        raise ValueError(f"--env={text}: want NAME=VALUE[,VALUE...], such as "
+                         "RESNEXT_JAX_ONEDNN_FOLD=1,0")  # fmt: skip
+    return [((name, value),) for value in values.split(",")]
 
 
 def _split_models(text):
@@ -250,6 +279,8 @@ def start_worker(target: Target, framework: str, args) -> workers.Worker:
     if target.devices > 1:  # on CPU, simulated devices; accelerators ignore the flag
         flag = f"--xla_force_host_platform_device_count={target.devices}"
         env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS"), flag]))
+    if framework == "jax":
+        env.update(target.env)
     argv = [sys.executable, "-m", __spec__.name, "--worker"]  # this module, also as __main__
     worker = workers.Worker(f"{target.name} ({framework})", argv, env)
     worker.request(framework=framework, spec=target.name, impl=target.config.model.conv_impl,
@@ -300,7 +331,9 @@ def _row(slot, target, framework, args) -> dict:
         res=target.res,
         input="x".join(map(str, target.input_shape)),
         dtype=args.dtype,
-        impl=info.get("impl", ""),
+        impl=", ".join([info.get("impl", ""), *(f"{k}={v}" for k, v in target.env)])
+        if framework == "jax"
+        else info.get("impl", ""),
         variant=info.get("variant", ""),
         threads=info.get("threads"),
         device=hello.get("device"),
@@ -405,6 +438,7 @@ def markdown(rows, args) -> str:
     rounds = len(workers.round_sizes(args.steps, args.rounds))
     header = (
         f"{args.mode}, batch {args.batch}{_per_device(args)}, {args.dtype}, impl {args.impl}"
+        f"{f', env {args.env}' if args.env else ''}"
         f"{', torch channels_last' if torch and args.channels_last else ''}"
         f"{''.join(f', torch threads {t}' for t in threads)}; "
         f"{args.steps} timed steps in {rounds} rounds after {args.warmup} warm-up; "

@@ -22,17 +22,17 @@ no oneDNN) `available()` is False, `unavailable_reason()` says why, and `auto` k
 XLA formulations; `RESNEXT_JAX_ONEDNN=0` turns the path off.
 
 `grouped_conv` (any groups, dense ones too), `batch_norm` and `max_pool` are differentiable
-functions built on the calls, on CPU only. Each runs float32 or bfloat16 as it is: bfloat16
-activations, kernels and gradients stay bfloat16 in memory and oneDNN accumulates in float32,
-with AVX512-BF16 and AMX instructions where the CPU has them (`bfloat16_native()`: a CPU
-without AVX-512 has no bfloat16 kernels, and bfloat16 is cast to float32 there); the conv
-casts any other dtype to float32. The
-calls are opaque to XLA: its cost analysis counts no FLOPs for them
-(`resnext_jax.models.inspector.xla_flops` compiles with XLA's own layers for that reason), and
-its sharding propagation cannot split them, so they run only inside per-device steps
-(resnext_jax/devices/parallel.py). Scratch memory comes from per-thread buffers that calls
-reuse (csrc/onednn_common.h) and workspaces are outputs XLA allocates: allocated on every
-call, they fragmented the heap.
+functions built on the calls, on CPU only; `grouped_conv` computes the kernel gradient of
+narrow groups over folded, wider ones (`kernel_grad_fold`). Each runs float32 or bfloat16 as
+it is: bfloat16 activations, kernels and gradients stay bfloat16 in memory and oneDNN
+accumulates in float32, with AVX512-BF16 and AMX instructions where the CPU has them
+(`bfloat16_native()`: a CPU without AVX-512 has no bfloat16 kernels, and bfloat16 is cast to
+float32 there); the conv casts any other dtype to float32. The calls are opaque to XLA: its
+cost analysis counts no FLOPs for them (`resnext_jax.models.inspector.xla_flops` compiles with
+XLA's own layers for that reason), and its sharding propagation cannot split them, so they
+run only inside per-device steps (resnext_jax/devices/parallel.py). Scratch memory comes from
+per-thread buffers that calls reuse (csrc/onednn_common.h) and workspaces are outputs XLA
+allocates: allocated on every call, they fragmented the heap.
 """
 
 import contextlib
@@ -61,6 +61,7 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "onednn_conv.cc", CSRC / "onednn_norm.cc", CSRC / "onednn_pool.cc")
 HEADERS = (CSRC / "onednn_common.h",)
 SWITCH = "RESNEXT_JAX_ONEDNN"
+FOLD_SWITCH = "RESNEXT_JAX_ONEDNN_FOLD"  # 0: no folded kernel gradients (kernel_grad_fold)
 CACHE = "RESNEXT_JAX_CACHE"
 BUILD_TIMEOUT = "RESNEXT_JAX_BUILD_TIMEOUT"  # seconds
 DEFAULT_BUILD_TIMEOUT = 600  # generous: it is there to stop a hung compiler, not a slow one
@@ -369,8 +370,49 @@ def _grouped_conv_bwd(strides, padding, groups, residuals, dy):
     t = _compute_dtype(x, kernel)
     xt, kt, dyt = x.astype(t), kernel.astype(t), dy.astype(t)
     dx = input_grad(dyt, kt, x.shape, strides, padding, groups)
-    dw = kernel_grad(xt, dyt, kernel.shape, strides, padding, groups)
+    dw = folded_kernel_grad(xt, dyt, kernel.shape, strides, padding, groups)
     return dx.astype(x.dtype), dw.astype(kernel.dtype)
+
+
+# The widest group `folded_kernel_grad` computes a narrow group's kernel gradient in.
+FOLD_WIDTH = 16
+
+
+def kernel_grad_fold(in_per_group: int, groups: int) -> int:
+    """How many neighbouring groups `folded_kernel_grad` computes as one: 1 (no folding) unless
+    a group has 2 to 7 input channels; then the most groups, dividing `groups`, whose inputs
+    fit in FOLD_WIDTH channels.
+
+    oneDNN 3.2's kernel-gradient primitive is slower at 2-7 channels a group than at 16 over
+    the same activations, with several times the arithmetic. At one channel a group
+    (depthwise) it has a fast kernel of its own, and at 8 the gain was mixed
+    (docs/benchmarks.md, "Narrow groups' kernel gradient, folded").
+    `RESNEXT_JAX_ONEDNN_FOLD=0`, read when a step is traced, turns folding off.
+    """
+    if not 2 <= in_per_group < 8 or os.environ.get(FOLD_SWITCH, "1") == "0":
+        return 1
+    fits = [k for k in range(1, groups + 1) if groups % k == 0 and in_per_group * k <= FOLD_WIDTH]
+    return max(fits)
+
+
+def folded_kernel_grad(x, dy, kernel_shape, strides, padding, groups):
+    """The kernel gradient of a grouped conv, computed over groups `kernel_grad_fold` wide.
+
+    A conv with groups/k groups of k times the channels is the grouped conv with a
+    block-diagonal kernel: its kernel gradient holds the grouped conv's in its k diagonal
+    blocks (each output's own group's inputs) and, off them, sums the grouped conv never uses.
+    Only the summation order can differ from `kernel_grad`'s.
+    """
+    kh, kw, cin, out = kernel_shape
+    k = kernel_grad_fold(cin, groups)
+    if k == 1:
+        return kernel_grad(x, dy, kernel_shape, strides, padding, groups)
+    wide = kernel_grad(x, dy, (kh, kw, k * cin, out), strides, padding, groups // k)
+    # Input channel j*cin + i of a wide group, output s*k*per + j'*per + c: kept where j == j'.
+    per = out // groups
+    blocks = wide.reshape(kh, kw, k, cin, groups // k, k, per)
+    diagonal = jnp.diagonal(blocks, axis1=2, axis2=5)  # (kh, kw, cin, groups/k, per, k)
+    return jnp.moveaxis(diagonal, -1, -2).reshape(kernel_shape)
 
 
 grouped_conv.defvjp(_grouped_conv_fwd, _grouped_conv_bwd)

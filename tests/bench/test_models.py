@@ -280,6 +280,25 @@ def test_several_impls_side_by_side_with_torch_once(capsys):
     assert ("onednn" in rows[0]["impl"]) == conv.onednn_usable()
 
 
+def test_env_values_side_by_side_reach_the_jax_workers(capsys):
+    """One JAX row per value, torch once; RESNEXT_JAX_ONEDNN=0 in its worker keeps `auto` off
+    oneDNN there, which only the worker's environment can do."""
+    args = ["--models=_tiny_resnext", "--env=RESNEXT_JAX_ONEDNN=1,0", "--torch", "--res=32"]
+    rows = json.loads(_run(capsys, *args, "--torch-threads=1", "--format=json", *TINY))
+    assert [(r["framework"], r["impl"].rpartition(", ")[2]) for r in rows] == [
+        ("jax", "RESNEXT_JAX_ONEDNN=1"), ("torch", ""), ("jax", "RESNEXT_JAX_ONEDNN=0"),
+    ]  # fmt: skip
+    assert ("onednn" in rows[0]["impl"]) == conv.onednn_usable()
+    assert "onednn" not in rows[2]["impl"] and rows[2]["vs_first"] > 0
+
+
+@pytest.mark.parametrize("env", ["FOLD", "=1,0", "NOT A NAME=1", "FOLD="])
+def test_a_malformed_env_is_a_usage_error(capsys, env):
+    with pytest.raises(SystemExit):
+        models.main([f"--env={env}"])
+    assert "want NAME=VALUE" in capsys.readouterr().err
+
+
 def test_an_unknown_impl_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         models.main(["--impl=auto,nope"])

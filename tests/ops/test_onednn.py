@@ -491,3 +491,42 @@ def test_a_cpu_without_bfloat16_kernels_casts_to_float32(monkeypatch):
     assert not resnet.onednn_dtype(jnp.bfloat16) and resnet.onednn_dtype(jnp.float32)
     with pytest.raises(TypeError, match="no bfloat16 kernels for this CPU"):
         onednn.max_pool(x, 3, 2, 1)
+
+
+def test_kernel_grad_fold_widens_only_narrow_groups(monkeypatch):
+    fold = onednn.kernel_grad_fold
+    assert fold(4, 32) == 4  # ResNeXt-50 32x4d, stage 1: groups of 16 channels
+    assert fold(2, 32) == 8 and fold(2, 3) == 3
+    assert fold(6, 8) == 2 and fold(3, 8) == 4  # the widest that divides the groups
+    assert fold(4, 1) == 1 and fold(5, 7) == 1  # nothing to fold into
+    assert fold(1, 128) == fold(8, 32) == fold(14, 8) == 1  # depthwise; wide enough
+    monkeypatch.setenv(onednn.FOLD_SWITCH, "0")
+    assert fold(4, 32) == 1
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(
+    "x_shape,in_per_group,groups,strides",
+    [((2, 9, 11, 128), 4, 32, 1), ((2, 9, 11, 128), 4, 32, 2), ((2, 8, 8, 48), 6, 8, 1),
+     ((2, 8, 8, 24), 3, 8, 1), ((2, 8, 8, 64), 2, 32, 2)],
+)  # fmt: skip
+def test_folded_kernel_grad_is_the_grouped_one(x_shape, in_per_group, groups, strides, dtype):
+    """Folded into wider groups, the kernel gradient is computed over more channels, of which
+    only the diagonal blocks are kept: the same sums, in at most a different order."""
+    keys = jax.random.split(jax.random.key(0), 2)
+    x = jax.random.normal(keys[0], x_shape).astype(dtype)
+    kernel_shape = (3, 3, in_per_group, 2 * x_shape[-1])  # 2x: out per group != in
+    y_shape = onednn.output_shape(x_shape, kernel_shape, strides, 1)
+    dy = jax.random.normal(keys[1], y_shape).astype(dtype)
+    args = (kernel_shape, strides, 1, groups)
+    fold = onednn.kernel_grad_fold(in_per_group, groups)
+    assert fold > 1
+    lowered = jax.jit(onednn.folded_kernel_grad, static_argnums=(2, 3, 4, 5)).lower(x, dy, *args)
+    assert f"groups = {groups // fold} : i64" in lowered.as_text()
+    got, want = lowered.compile()(x, dy), onednn.kernel_grad(x, dy, *args)
+    assert got.shape == want.shape and got.dtype == want.dtype == dtype
+    if dtype == jnp.bfloat16:
+        assert _ulps_apart(got, want) <= 2
+    else:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(abs(want))))

@@ -23,6 +23,7 @@ import os
 import statistics
 import time
 from functools import partial
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -157,23 +158,11 @@ def timed_functions(impl, x_shape, k, strides, groups, out, dtype, fold=True):
         "fwd+bwd": jit(partial(vjp, argnums=(0, 1), with_output=True)),
         "block": jit(block),
     }
-    with _folding(fold):  # read when tracing: compile now
+    # The switch is read when tracing: compile now, under it.
+    unfolded = mock.patch.dict(os.environ, {onednn.FOLD_SWITCH: "0"})
+    with contextlib.nullcontext() if fold else unfolded:
         fns = {mode: fn.lower(x, kernel, dy).compile() for mode, fn in fns.items()}
     return fns, (x, kernel, dy)
-
-
-@contextlib.contextmanager
-def _folding(on: bool):
-    saved = os.environ.get(onednn.FOLD_SWITCH)
-    if not on:
-        os.environ[onednn.FOLD_SWITCH] = "0"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(onednn.FOLD_SWITCH, None)
-        else:
-            os.environ[onednn.FOLD_SWITCH] = saved
 
 
 def median_ms(runs, modes, reps) -> dict:

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import pytest
 
 from resnext_jax.bench import conv as bench
+from resnext_jax.ops import onednn
 from resnext_jax.ops.conv import select_impl
 
 
@@ -29,3 +30,21 @@ def test_an_unknown_impl_is_a_usage_error(capsys):
         bench.main(["--impls=shift,nope"])
     assert exit_info.value.code == 2
     assert "unknown impls ['nope']" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not onednn.available(), reason="oneDNN path not built here")
+def test_the_unfolded_row_runs_the_kernel_gradient_at_the_groups_own_width():
+    """Where `onednn` folds (4 channels a group: 16 groups as 4), a row beside it does not."""
+    fns, _ = bench.timed_functions("onednn", (2, 5, 5, 64), 3, 1, 16, 64, jnp.float32)
+    unfolded, _ = bench.timed_functions("onednn", (2, 5, 5, 64), 3, 1, 16, 64, jnp.float32, False)
+
+    def kernel_grads(compiled):  # the kernel-gradient calls' result shapes
+        lines = compiled.as_text().splitlines()
+        return [line.split(" = ")[1].split("{")[0] for line in lines if "conv_kernel_grad" in line]
+
+    assert kernel_grads(fns["dw"]) == ["f32[3,3,16,64]"]  # 4 groups of 16 inputs
+    assert kernel_grads(unfolded["dw"]) == ["f32[3,3,4,64]"]
+    _, rows = bench.bench_shape("2x5x5x64:g16", ["onednn"], True, 1, jnp.float32)
+    assert [r.split(" | ")[1] for r in rows] == ["dense C=1", "onednn (auto)", bench.UNFOLDED]
+    _, rows = bench.bench_shape("2x5x5x64:g8", ["onednn"], True, 1, jnp.float32)  # 8 a group
+    assert bench.UNFOLDED not in " ".join(rows)

@@ -60,6 +60,7 @@ import dataclasses
 import functools
 import importlib.metadata
 import importlib.util
+import itertools
 import json
 import os
 import pathlib
@@ -103,13 +104,11 @@ def main(argv=None) -> int:
     try:
         envs = parse_env(args.env)
         targets = []
-        for spec in specs:
-            for impl in impls:
-                for n in counts:
-                    target = resolve(spec, args, impl, n)
-                    for env in envs:  # torch beside the first --impl's first --env only
-                        first = target.first_impl and env == envs[0]
-                        targets.append(dataclasses.replace(target, env=env, first_impl=first))
+        for spec, impl, n in itertools.product(specs, impls, counts):
+            target = resolve(spec, args, impl, n)
+            for env in envs:  # torch beside the first --impl's first --env only
+                first = target.first_impl and env == envs[0]
+                targets.append(dataclasses.replace(target, env=env, first_impl=first))
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     if args.torch and importlib.util.find_spec("torchvision") is None:

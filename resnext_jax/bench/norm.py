@@ -8,13 +8,16 @@ A shape is NxHxWxC[:gGROUP] (GROUP images per batch statistic, as model.bn_group
 default, the whole batch when it holds fewer). Each row times the forward and backward of
 `BatchNorm(relu=True)` with XLA's formulation and with oneDNN's primitives, interleaved in one
 process, in the compute dtype `--dtype` (parameters and statistics float32), and marks the
-one `BatchNorm(impl="auto")` picks. docs/benchmarks.md has the tables
-behind that rule.
+one `BatchNorm(impl="auto")` picks. A third column times oneDNN's with the ReLU's gradient
+as a separate XLA pass (onednn.RELU_GRAD_SWITCH=0) instead of inside oneDNN's backward.
+docs/benchmarks.md has the tables behind that rule.
 """
 
 import argparse
+import os
 import statistics
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +51,7 @@ def parse_shape(spec):
     return shape, int(group[1:]) if group else 32
 
 
-def _grad_fn(shape, group, impl, dtype):
+def _grad_fn(shape, group, impl, dtype, fused_relu_grad=True):
     x = jax.random.normal(jax.random.key(0), shape).astype(dtype)
     dy = jax.random.normal(jax.random.key(1), shape).astype(dtype)
     bn = BatchNorm(group_size=group, impl=impl, relu=True, dtype=dtype)
@@ -60,12 +63,16 @@ def _grad_fn(shape, group, impl, dtype):
 
     # Compiled as the trainer compiles its step (resnext_jax.devices.runtime.compiler_options).
     jit = jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=runtime.compiler_options())
-    return jit, (variables["params"], x)
+    args = (variables["params"], x)
+    switch = {onednn.RELU_GRAD_SWITCH: "1" if fused_relu_grad else "0"}
+    with mock.patch.dict(os.environ, switch):  # read when tracing: compiled here
+        return jit.lower(*args).compile(), args
 
 
 def bench_shape(spec, reps, dtype=jnp.float32):
     shape, group = parse_shape(spec)
     runs = {impl: _grad_fn(shape, group, impl, dtype) for impl in ("xla", "auto")}
+    runs["unfused"] = _grad_fn(shape, group, "auto", dtype, fused_relu_grad=False)
     for fn, args in runs.values():  # compile and warm up
         jax.block_until_ready(fn(*args))
     times = {impl: [] for impl in runs}
@@ -78,8 +85,10 @@ def bench_shape(spec, reps, dtype=jnp.float32):
     groups = shape[0] // min(group, shape[0])
     pick = "onednn" if onednn_batch_norm_pays(groups, dtype) else "xla"
     cells = [f"{ms['xla']:.2f}" + (" (auto)" if pick == "xla" else ""),
-             f"{ms['auto']:.2f}" + (" (auto)" if pick == "onednn" else "")]  # fmt: skip
-    return f"| {spec} | {groups} | " + " | ".join(cells) + f" | {ms['auto'] / ms['xla']:.2f} |"
+             f"{ms['auto']:.2f}" + (" (auto)" if pick == "onednn" else ""),
+             f"{ms['unfused']:.2f}"]  # fmt: skip
+    return (f"| {spec} | {groups} | " + " | ".join(cells)
+            + f" | {ms['auto'] / ms['xla']:.2f} | {ms['auto'] / ms['unfused']:.2f} |")  # fmt: skip
 
 
 def main(argv=None):
@@ -92,7 +101,8 @@ def main(argv=None):
         parser.error(f"oneDNN is unavailable: {onednn.unavailable_reason()}")
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {runtime.allocator()}, "
           f"{runtime.xla_cpu_fusions()}, {args.dtype}, fwd+bwd ms (median)")  # fmt: skip
-    print("| shape | groups | xla ms | onednn ms | onednn / xla |")
-    print("|---|---|---|---|---|")
+    print("| shape | groups | xla ms | onednn ms | onednn, ReLU grad in XLA ms | onednn / xla "
+          "| onednn / ReLU grad in XLA |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for spec in args.shapes.split(","):
         print(bench_shape(spec, args.reps, jnp.dtype(args.dtype)), flush=True)

@@ -62,6 +62,8 @@ SOURCES = (CSRC / "onednn_conv.cc", CSRC / "onednn_norm.cc", CSRC / "onednn_pool
 HEADERS = (CSRC / "onednn_common.h",)
 SWITCH = "RESNEXT_JAX_ONEDNN"
 FOLD_SWITCH = "RESNEXT_JAX_ONEDNN_FOLD"  # 0: no folded kernel gradients (kernel_grad_fold)
+# 0: batch_norm's ReLU gradient as a separate XLA pass instead of inside oneDNN's backward
+RELU_GRAD_SWITCH = "RESNEXT_JAX_ONEDNN_NORM_RELU"
 CACHE = "RESNEXT_JAX_CACHE"
 BUILD_TIMEOUT = "RESNEXT_JAX_BUILD_TIMEOUT"  # seconds
 DEFAULT_BUILD_TIMEOUT = 600  # generous: it is there to stop a hung compiler, not a slow one
@@ -470,33 +472,43 @@ def _norm_forward(x, scale, bias, add, groups, epsilon, relu):
         (_typed(x, x.shape, x.dtype), stats, stats, workspace),
         vmap_method="sequential",
     )
-    y, mean, var, _ = call(x, scale, bias, add, groups=np.int64(groups),
-                           epsilon=np.float32(epsilon), mode=np.int64(mode))  # fmt: skip
-    return y, mean, var
+    return call(x, scale, bias, add, groups=np.int64(groups), epsilon=np.float32(epsilon),
+                mode=np.int64(mode))  # fmt: skip
+
+
+def relu_grad_fused() -> bool:
+    """Whether batch_norm's backward applies its ReLU's gradient inside oneDNN's primitive,
+    from the bit mask its forward wrote (RELU_GRAD_SWITCH, read when a step is traced)."""
+    return os.environ.get(RELU_GRAD_SWITCH, "1") != "0"
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _batch_norm(x, scale, bias, add, groups, epsilon, relu):
-    return _norm_forward(x, scale, bias, add, groups, epsilon, relu)
+    return _norm_forward(x, scale, bias, add, groups, epsilon, relu)[:3]
 
 
 def _batch_norm_fwd(x, scale, bias, add, groups, epsilon, relu):
-    y, mean, var = _norm_forward(x, scale, bias, add, groups, epsilon, relu)
-    # The statistics are kept as a copy, for the backward only; with the ReLU, the gradient's
-    # mask comes from the output, which the next layer keeps anyway.
+    y, mean, var, workspace = _norm_forward(x, scale, bias, add, groups, epsilon, relu)
+    # The statistics are kept as a copy, for the backward only. The ReLU's gradient is applied
+    # by the backward primitive from the forward's bit mask (1/32 of a float32 output), or
+    # else by an XLA pass masking with the output, which the next layer keeps anyway. After
+    # the residual add it is always the latter: the masked gradient is also the addend's.
     stats = jnp.stack([mean, var])
-    relu = relu or add is not None
+    fused = relu and add is None and relu_grad_fused()
+    mask = y if (relu or add is not None) and not fused else None
     added = () if add is not None else None  # a leafless marker: static, unlike a bool
-    return (y, mean, var), (x, scale, stats, y if relu else None, added)
+    return (y, mean, var), (x, scale, stats, mask, workspace if fused else None, added)
 
 
 def _batch_norm_bwd(groups, epsilon, relu, residuals, cotangents):
-    x, scale, stats, y, added = residuals
+    x, scale, stats, y, workspace, added = residuals
     added = added is not None
     dy = cotangents[0]  # the statistics' cotangents are zero: batch_norm stops their gradient
     if y is not None:
         dy = jnp.where(y > 0, dy, 0)  # jax.nn.relu's gradient: 0 where the input was <= 0
     x, dy, scale, stats = _norm_operands((x, dy), (scale, stats))
+    fused = workspace is not None
+    workspace = parallel.vary_like(workspace if fused else jnp.zeros((0,), np.uint8), x)
     param = _typed(x, scale.shape)
     # dx overwrites dy (oneDNN's backward runs in place) unless the addend's gradient needs it.
     call = jax.ffi.ffi_call(
@@ -505,8 +517,8 @@ def _batch_norm_bwd(groups, epsilon, relu, residuals, cotangents):
         vmap_method="sequential",
         input_output_aliases=None if added else {1: 0},
     )
-    dx, dscale, dbias = call(x, dy, scale, stats, groups=np.int64(groups),
-                             epsilon=np.float32(epsilon))  # fmt: skip
+    dx, dscale, dbias = call(x, dy, scale, stats, workspace, groups=np.int64(groups),
+                             epsilon=np.float32(epsilon), relu=np.int64(fused))  # fmt: skip
     return dx, dscale, dbias, dy if added else None
 
 

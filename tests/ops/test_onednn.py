@@ -447,6 +447,33 @@ def test_bfloat16_batch_norm_matches_float32_on_the_same_inputs(mode):
 
 
 @needs_onednn
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape,groups", [((4, 7, 9, 16), 1), ((6, 5, 5, 8), 3)])
+def test_the_relu_gradient_inside_onednn_is_the_masked_one(shape, groups, dtype, monkeypatch):
+    """With the ReLU, the backward primitive masks the output gradient with the forward's bit
+    mask: bit for bit what it computes from the gradient XLA has masked with the output, and
+    with no masking pass of XLA's left in the compiled step."""
+    keys = jax.random.split(jax.random.key(2), 4)
+    x = (jax.random.normal(keys[0], shape) * 3 + 2).astype(dtype)
+    scale = jax.random.normal(keys[1], shape[-1:])
+    bias = jax.random.normal(keys[2], shape[-1:])
+    dy = jax.random.normal(keys[3], shape).astype(dtype)
+
+    def grads(switch):
+        monkeypatch.setenv(onednn.RELU_GRAD_SWITCH, switch)
+        forward = lambda *a: onednn.batch_norm(*a, groups, 1e-5, relu=True)[0]  # noqa: E731
+        compiled = jax.jit(lambda *a: jax.vjp(forward, *a[:3])[1](a[3])).lower(
+            x, scale, bias, dy).compile()  # fmt: skip
+        return compiled(x, scale, bias, dy), "select" in compiled.as_text()
+
+    (fused, fused_selects), (masked, masked_selects) = grads("1"), grads("0")
+    assert not fused_selects and masked_selects
+    assert fused[0].dtype == dtype
+    for got, want in zip(fused, masked, strict=True):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+@needs_onednn
 @pytest.mark.parametrize("shape", [(2, 9, 11, 5), (3, 8, 8, 16)])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_max_pool_matches_flax(shape, dtype):

@@ -37,12 +37,12 @@ struct NormProblem {
   memory::desc channels() const { return {{c}, memory::data_type::f32, Tag::a}; }
 };
 
-// The forward in each mode. With a fused ReLU it also writes a workspace (where the output was
-// clipped) for oneDNN's own backward. The backward here is the plain one, given a
-// gradient the caller has already masked with the ReLU's output, so the workspace goes unread;
-// it is an output of the call all the same, so that XLA allocates it with the step's other
-// buffers: allocated here on every call, buffers this size fragment the heap (tcmalloc kept
-// two steps' worth of memory).
+// The forward in each mode. With a fused ReLU it also writes a workspace (a bit for each
+// element: whether the output was positive) that the backward with the fused ReLU reads to
+// mask the output gradient as it goes, instead of a separate pass over it and the output.
+// The workspace is an output of the call, even where nothing reads it, so that XLA allocates it
+// with the step's other buffers: allocated here on every call, buffers this size fragment the
+// heap (tcmalloc kept two steps' worth of memory).
 // What the forward applies after normalizing: nothing, a ReLU, or an addend then a ReLU (the
 // residual add at the end of a block).
 enum Mode : int64_t { kPlain = 0, kRelu = 1, kAddRelu = 2, kModes = 3 };
@@ -52,8 +52,9 @@ struct NormPrimitives {
   dnnl::batch_normalization_forward fwd[kModes];
   dnnl::binary::primitive_desc add_relu_pd;
   dnnl::binary add_relu;
-  dnnl::batch_normalization_backward::primitive_desc bwd_pd;
-  dnnl::batch_normalization_backward bwd;
+  // The backward, plain and with the ReLU's gradient applied from the forward's workspace.
+  dnnl::batch_normalization_backward::primitive_desc bwd_pd[2];
+  dnnl::batch_normalization_backward bwd[2];
 
   explicit NormPrimitives(const NormProblem& p) {
     auto& engine = Engine();
@@ -75,10 +76,12 @@ struct NormPrimitives {
     add_relu_pd = dnnl::binary::primitive_desc(engine, dnnl::algorithm::binary_add, p.data(),
                                                p.data(), p.data(), add_attr);
     add_relu = dnnl::binary(add_relu_pd);
-    bwd_pd = dnnl::batch_normalization_backward::primitive_desc(
-        engine, dnnl::prop_kind::backward, p.data(), p.data(), p.data(), p.epsilon, flags,
-        fwd_pd[kPlain], attr);
-    bwd = dnnl::batch_normalization_backward(bwd_pd);
+    for (int m : {kPlain, kRelu}) {
+      bwd_pd[m] = dnnl::batch_normalization_backward::primitive_desc(
+          engine, dnnl::prop_kind::backward, p.data(), p.data(), p.data(), p.epsilon,
+          flags | extra[m], fwd_pd[m], attr);
+      bwd[m] = dnnl::batch_normalization_backward(bwd_pd[m]);
+    }
   }
 };
 
@@ -171,10 +174,13 @@ ffi::Error NormForward(Data x, F32 scale, F32 shift, Data addend, DataResult y,
   });
 }
 
-// `stats` holds the forward's means, then its variances: (2, groups, c).
-ffi::Error NormBackward(Data x, Data dy, F32 scale, F32 stats, DataResult dx,
-                        ffi::ResultBuffer<ffi::F32> dscale,
-                        ffi::ResultBuffer<ffi::F32> dshift, int64_t groups, float epsilon) {
+// `stats` holds the forward's means, then its variances: (2, groups, c). With `relu` nonzero,
+// `dy` is the gradient of the ReLU's output and `workspace` the forward's in kRelu mode (the
+// ReLU's gradient is applied here); else `dy` is the normalized output's and `workspace` empty.
+ffi::Error NormBackward(Data x, Data dy, F32 scale, F32 stats, ffi::Buffer<ffi::U8> workspace,
+                        DataResult dx, ffi::ResultBuffer<ffi::F32> dscale,
+                        ffi::ResultBuffer<ffi::F32> dshift, int64_t groups, float epsilon,
+                        int64_t relu) {
   if (!SameShape(dy.dimensions(), x.dimensions()) || !SameShape(dx->dimensions(), x.dimensions()))
     return ffi::Error::InvalidArgument("onednn batch norm: gradient shapes differ from the input's");
   auto p = MakeNormProblem({&x, &dy, &(*dx)}, groups, epsilon,
@@ -185,15 +191,21 @@ ffi::Error NormBackward(Data x, Data dy, F32 scale, F32 stats, DataResult dx,
   const auto sd = stats.dimensions();
   if (sd.size() != 3 || sd[0] != 2 || sd[1] != groups || sd[2] != p->c)
     return ffi::Error::InvalidArgument("onednn batch norm: statistics must be (2, groups, c)");
+  const int mode = relu ? kRelu : kPlain;
   return Guard("onednn batch norm", [&] {
     auto& prims = GetNorm(*p);
+    const auto& pd = prims.bwd_pd[mode];
+    const auto ws_desc = prims.fwd_pd[mode].workspace_desc();
+    const size_t ws_bytes = ws_desc.get_size();
+    if (workspace.size_bytes() != groups * ws_bytes)
+      throw std::invalid_argument("the workspace buffer has the wrong size");
     dnnl::stream s(Engine());
     const auto data = p->data(), channels = p->channels();
     const int64_t c = p->c;
     const float* mean = stats.typed_data();
     const float* var = mean + groups * c;
     memory scale_m(channels, Engine(), scale.untyped_data());
-    memory scratch = Scratch(prims.bwd_pd);
+    memory scratch = Scratch(pd);
     // The first group writes the parameter gradients, later ones add theirs to them.
     std::vector<float> part(groups > 1 ? 2 * c : 0);
     float* dscale_out = dscale->typed_data();
@@ -205,16 +217,20 @@ ffi::Error NormBackward(Data x, Data dy, F32 scale, F32 stats, DataResult dx,
     for (int64_t g = 0; g < groups; ++g) {
       float* ds = g ? part.data() : dscale_out;
       float* db = g ? part.data() + c : dshift_out;
-      prims.bwd.execute(
-          s, {{DNNL_ARG_SRC, memory(data, Engine(), at(x, g))},
-              {DNNL_ARG_DIFF_DST, memory(data, Engine(), at(dy, g))},
-              {DNNL_ARG_MEAN, memory(channels, Engine(), const_cast<float*>(mean) + g * c)},
-              {DNNL_ARG_VARIANCE, memory(channels, Engine(), const_cast<float*>(var) + g * c)},
-              {DNNL_ARG_SCALE, scale_m},
-              {DNNL_ARG_DIFF_SRC, memory(data, Engine(), at(*dx, g))},
-              {DNNL_ARG_DIFF_SCALE, memory(channels, Engine(), ds)},
-              {DNNL_ARG_DIFF_SHIFT, memory(channels, Engine(), db)},
-              {DNNL_ARG_SCRATCHPAD, scratch}});
+      std::unordered_map<int, memory> args{
+          {DNNL_ARG_SRC, memory(data, Engine(), at(x, g))},
+          {DNNL_ARG_DIFF_DST, memory(data, Engine(), at(dy, g))},
+          {DNNL_ARG_MEAN, memory(channels, Engine(), const_cast<float*>(mean) + g * c)},
+          {DNNL_ARG_VARIANCE, memory(channels, Engine(), const_cast<float*>(var) + g * c)},
+          {DNNL_ARG_SCALE, scale_m},
+          {DNNL_ARG_DIFF_SRC, memory(data, Engine(), at(*dx, g))},
+          {DNNL_ARG_DIFF_SCALE, memory(channels, Engine(), ds)},
+          {DNNL_ARG_DIFF_SHIFT, memory(channels, Engine(), db)},
+          {DNNL_ARG_SCRATCHPAD, scratch}};
+      if (ws_bytes)
+        args.insert({DNNL_ARG_WORKSPACE,
+                     memory(ws_desc, Engine(), workspace.typed_data() + g * ws_bytes)});
+      prims.bwd[mode].execute(s, args);
       if (g) {
         s.wait();
         for (int64_t i = 0; i < c; ++i) {
@@ -256,10 +272,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnextOnednnNormBackward, resnext_onednn::NormBac
                                   .Arg<Data>()
                                   .Arg<F32>()
                                   .Arg<F32>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
                                   .Ret<Data>()
                                   .Ret<F32>()
                                   .Ret<F32>()
-                                  .NORM_ATTRS);
+                                  .NORM_ATTRS
+                                  .Attr<int64_t>("relu"));
 
 // For the Python side, when it traces a forward: the bytes of one group's workspace in `mode`
 // (the forward's last output holds `groups` of them), for bfloat16 activations if `bfloat16`

@@ -14,11 +14,12 @@ what a network sees (XLA fuses neighbours into the conv's ops); the ratio is of 
 the dense conv's. "(auto)" marks the impl `select_impl` picks, "(xla_auto)" its pick among
 the XLA formulations where that differs (`auto` without oneDNN). Where `onednn` folds the
 kernel gradient of narrow groups (resnext_jax.ops.onednn.kernel_grad_fold), a row
-"onednn, dw unfolded" times it without folding, side by side.
+"onednn, dw unfolded" times oneDNN's kernels without folding, side by side; where it runs the
+project's own narrow-group kernel (onednn.narrow_conv_applies), a row "onednn, oneDNN's
+kernels" times oneDNN's instead.
 """
 
 import argparse
-import contextlib
 import os
 import statistics
 import time
@@ -105,8 +106,11 @@ SHAPE_SETS = {
 }
 
 
-# The row of `onednn` with its kernel gradient computed at the groups' own width.
+# The row of `onednn` with its kernel gradient computed at the groups' own width (and oneDNN's
+# kernels where the project's own narrow-group kernel would run).
 UNFOLDED = "onednn, dw unfolded"
+# The row of `onednn` with oneDNN's kernels where the project's narrow-group kernel would run.
+ONEDNN_KERNELS = "onednn, oneDNN's kernels"
 
 
 def parse_shape(spec):
@@ -123,14 +127,15 @@ def parse_shape(spec):
     return x_shape, fields["k"], fields["s"], fields["g"], fields["o"] or x_shape[-1]
 
 
-def timed_functions(impl, x_shape, k, strides, groups, out, dtype, fold=True):
+def timed_functions(impl, x_shape, k, strides, groups, out, dtype, fold=True, narrow=True):
     """Compiled fwd, input grad, kernel grad, and fwd+bwd of one conv, with their arguments;
-    with `fold=False`, `onednn`'s kernel gradient is not folded (onednn.kernel_grad_fold)."""
+    with `fold=False`, `onednn`'s kernel gradient is not folded (onednn.kernel_grad_fold), and
+    with `narrow=False` oneDNN runs where the narrow-group kernel would (narrow_conv_applies)."""
     width = x_shape[-1]
     x = jax.random.normal(jax.random.key(0), x_shape, dtype)
     kernel = jax.random.normal(jax.random.key(1), (k, k, width // groups, out), dtype) * 0.05
-    fwd = jax.jit(partial(conv_ops.conv2d, strides=strides, padding=k // 2, groups=groups,
-                          impl=impl))  # fmt: skip
+    # Not jitted of its own: JAX would reuse its trace across the switches below.
+    fwd = partial(conv_ops.conv2d, strides=strides, padding=k // 2, groups=groups, impl=impl)
     # A random cotangent passed as an argument: a constant one lets XLA fold the backward.
     dy = jax.random.normal(jax.random.key(2), jax.eval_shape(fwd, x, kernel).shape, dtype)
 
@@ -158,9 +163,10 @@ def timed_functions(impl, x_shape, k, strides, groups, out, dtype, fold=True):
         "fwd+bwd": jit(partial(vjp, argnums=(0, 1), with_output=True)),
         "block": jit(block),
     }
-    # The switch is read when tracing: compile now, under it.
-    unfolded = mock.patch.dict(os.environ, {onednn.FOLD_SWITCH: "0"})
-    with contextlib.nullcontext() if fold else unfolded:
+    # The switches are read when tracing: compile now, under them.
+    switches = {onednn.FOLD_SWITCH: "1" if fold else "0",
+                onednn.NARROW_SWITCH: "1" if narrow else "0"}  # fmt: skip
+    with mock.patch.dict(os.environ, switches):
         fns = {mode: fn.lower(x, kernel, dy).compile() for mode, fn in fns.items()}
     return fns, (x, kernel, dy)
 
@@ -203,10 +209,13 @@ def bench_shape(spec, impls, parts, reps, dtype):
         impls = [i for i in impls if i != "pointwise"]
     runs = {"dense C=1": timed_functions("xla", x_shape, k, strides, 1, out, dtype)}
     runs.update({i: timed_functions(i, x_shape, k, strides, groups, out, dtype) for i in impls})
-    if "onednn" in impls and onednn.kernel_grad_fold(x_shape[-1] // groups, groups) > 1:
-        runs[UNFOLDED] = timed_functions("onednn", x_shape, k, strides, groups, out, dtype, False)
-    ms = median_ms(runs, modes, reps)
+    onednn_args = ("onednn", x_shape, k, strides, groups, out, dtype)
     kernel = (k, k, x_shape[-1] // groups, out)
+    if "onednn" in impls and onednn.narrow_conv_applies(kernel, strides, k // 2, groups, dtype):
+        runs[ONEDNN_KERNELS] = timed_functions(*onednn_args, narrow=False)
+    if "onednn" in impls and onednn.kernel_grad_fold(x_shape[-1] // groups, groups) > 1:
+        runs[UNFOLDED] = timed_functions(*onednn_args, fold=False, narrow=False)
+    ms = median_ms(runs, modes, reps)
     auto = conv_ops.select_impl(x_shape, kernel, strides, groups)
     xla_auto = conv_ops.select_impl(x_shape, kernel, strides, groups, use_onednn=False)
     rows = []

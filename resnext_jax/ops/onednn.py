@@ -58,12 +58,18 @@ from resnext_jax.devices import parallel
 
 CSRC = Path(__file__).with_name("csrc")
 # The translation units of the one library, and what they include.
-SOURCES = (CSRC / "onednn_conv.cc", CSRC / "onednn_norm.cc", CSRC / "onednn_pool.cc")
+SOURCES = (
+    CSRC / "onednn_conv.cc",
+    CSRC / "onednn_norm.cc",
+    CSRC / "onednn_pool.cc",
+    CSRC / "narrow_conv.cc",
+)
 HEADERS = (CSRC / "onednn_common.h",)
 SWITCH = "RESNEXT_JAX_ONEDNN"
 FOLD_SWITCH = "RESNEXT_JAX_ONEDNN_FOLD"  # 0: no folded kernel gradients (kernel_grad_fold)
 # 0: batch_norm's ReLU gradient as a separate XLA pass instead of inside oneDNN's backward
 RELU_GRAD_SWITCH = "RESNEXT_JAX_ONEDNN_NORM_RELU"
+NARROW_SWITCH = "RESNEXT_JAX_NARROW_CONV"  # 0: oneDNN for the convs narrow_conv_applies to
 CACHE = "RESNEXT_JAX_CACHE"
 BUILD_TIMEOUT = "RESNEXT_JAX_BUILD_TIMEOUT"  # seconds
 DEFAULT_BUILD_TIMEOUT = 600  # generous: it is there to stop a hung compiler, not a slow one
@@ -75,8 +81,11 @@ TARGETS = {
     "norm_backward": "ResnextOnednnNormBackward",
     "pool_forward": "ResnextOnednnPoolForward",
     "pool_backward": "ResnextOnednnPoolBackward",
+    "narrow_conv": "ResnextNarrowConv",
+    "narrow_conv_kernel_grad": "ResnextNarrowConvKernelGrad",
 }
-FLAGS = ["-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
+# OpenMP: narrow_conv.cc's threads, from the same libgomp as oneDNN's.
+FLAGS = ["-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-fopenmp"]
 # jaxlib's FFI headers trip two harmless GCC warnings; keep a build log readable.
 QUIET = ["-Wno-attributes", "-Wno-return-type"]
 HEADER = Path("include", "oneapi", "dnnl", "dnnl.hpp")
@@ -250,6 +259,7 @@ def _load() -> str | None:
     library.ResnextOnednnPoolWorkspaceBytes.restype = ctypes.c_int64
     library.ResnextOnednnPoolWorkspaceBytes.argtypes = [ctypes.c_int64] * 8
     library.ResnextOnednnBfloat16Supported.restype = ctypes.c_int
+    library.ResnextNarrowConvSupported.restype = ctypes.c_int
     _library = library
     for target, symbol in TARGETS.items():
         capsule = jax.ffi.pycapsule(getattr(library, symbol))
@@ -343,16 +353,74 @@ if __name__ == "__main__":  # `python -m resnext_jax.ops.onednn`: build now, say
     sys.exit(0)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def grouped_conv(x, kernel, strides, padding, groups):
-    """oneDNN's conv and its two gradients as XLA FFI custom calls.
+    """oneDNN's conv and its two gradients as XLA FFI custom calls (or, where
+    `narrow_conv_applies`, csrc/narrow_conv.cc's for all but strided ones).
 
     float32 and bfloat16 run as they are (the result and the gradients in the operands' dtype,
     accumulated in float32); other dtypes are cast to float32 and back.
     """
     t = _compute_dtype(x, kernel)
+    # Decided here, outside the differentiable function, whose trace JAX caches: the switch
+    # is read on every call.
+    narrow = narrow_conv_applies(kernel.shape, strides, padding, groups, t)
+    return _grouped_conv(x, kernel, strides, padding, groups, narrow)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _grouped_conv(x, kernel, strides, padding, groups, narrow):
+    t = _compute_dtype(x, kernel)
+    if narrow:
+        return narrow_conv(x.astype(t), kernel.astype(t)).astype(x.dtype)
     y = forward(x.astype(t), kernel.astype(t), strides, padding, groups)
     return y.astype(x.dtype)
+
+
+def narrow_conv_applies(kernel_shape, strides, padding, groups, dtype) -> bool:
+    """Whether `grouped_conv` runs its forward and input gradient on this project's own kernel
+    (csrc/narrow_conv.cc) instead of oneDNN's: a 3x3 conv, stride 1, padding 1, of 4 input and
+    4 output channels a group (ResNeXt's 32x4d and 64x4d) and channels a multiple of 16, in
+    float32, on a CPU with AVX-512. oneDNN 3.2's kernel for such groups ran at under half its
+    speed (docs/benchmarks.md, "A narrow-group conv kernel of our own").
+    `RESNEXT_JAX_NARROW_CONV=0`, read when a step is traced, keeps oneDNN's.
+    """
+    kh, kw, cin, out = kernel_shape
+    return (
+        (kh, kw, cin, strides, padding) == (3, 3, 4, 1, 1)
+        and out == 4 * groups
+        and out % 16 == 0
+        and np.dtype(dtype) == np.float32
+        and os.environ.get(NARROW_SWITCH, "1") != "0"
+        and available()
+        and bool(_library.ResnextNarrowConvSupported())
+    )
+
+
+def narrow_conv(x, kernel):
+    """csrc/narrow_conv.cc's conv of float32 NHWC `x` with a 3x3x4xC kernel (groups of 4
+    channels, stride 1, padding 1); `narrow_conv_applies` says where it runs."""
+    require()
+    x, kernel = parallel.vary_like(x, kernel), parallel.vary_like(kernel, x)
+    call = jax.ffi.ffi_call(_name("narrow_conv"), jax.typeof(x), vmap_method="sequential")
+    return call(x, kernel)
+
+
+def narrow_conv_kernel_grad(x, dy):
+    """The kernel gradient (3x3x4xC) of `narrow_conv` from its input `x` and output gradient
+    `dy`, by csrc/narrow_conv.cc."""
+    require()
+    x, dy = parallel.vary_like(x, dy), parallel.vary_like(dy, x)
+    result = jax.typeof(x).update(shape=(3, 3, 4, x.shape[-1]))
+    call = jax.ffi.ffi_call(_name("narrow_conv_kernel_grad"), result, vmap_method="sequential")
+    return call(x, dy)
+
+
+def narrow_input_grad_kernel(kernel):
+    """The kernel whose stride-1 `narrow_conv` of a grouped conv's output gradient is its input
+    gradient: flipped in space, and each group's inputs and outputs swapped."""
+    kh, kw, per, out = kernel.shape
+    blocks = kernel.reshape(kh, kw, per, out // per, per)[::-1, ::-1]  # tap, in, group, out
+    return blocks.transpose(0, 1, 4, 3, 2).reshape(kh, kw, per, out)
 
 
 def _compute_dtype(*arrays):
@@ -363,16 +431,20 @@ def _compute_dtype(*arrays):
     return dtypes.pop() if len(dtypes) == 1 and dtypes <= native else np.dtype(np.float32)
 
 
-def _grouped_conv_fwd(x, kernel, strides, padding, groups):
-    return grouped_conv(x, kernel, strides, padding, groups), (x, kernel)
+def _grouped_conv_fwd(x, kernel, strides, padding, groups, narrow):
+    return _grouped_conv(x, kernel, strides, padding, groups, narrow), (x, kernel)
 
 
-def _grouped_conv_bwd(strides, padding, groups, residuals, dy):
+def _grouped_conv_bwd(strides, padding, groups, narrow, residuals, dy):
     x, kernel = residuals
     t = _compute_dtype(x, kernel)
     xt, kt, dyt = x.astype(t), kernel.astype(t), dy.astype(t)
-    dx = input_grad(dyt, kt, x.shape, strides, padding, groups)
-    dw = folded_kernel_grad(xt, dyt, kernel.shape, strides, padding, groups)
+    if narrow:
+        dx = narrow_conv(dyt, narrow_input_grad_kernel(kt))
+        dw = narrow_conv_kernel_grad(xt, dyt)
+    else:
+        dx = input_grad(dyt, kt, x.shape, strides, padding, groups)
+        dw = folded_kernel_grad(xt, dyt, kernel.shape, strides, padding, groups)
     return dx.astype(x.dtype), dw.astype(kernel.dtype)
 
 
@@ -417,7 +489,7 @@ def folded_kernel_grad(x, dy, kernel_shape, strides, padding, groups):
     return jnp.moveaxis(diagonal, -1, -2).reshape(kernel_shape)
 
 
-grouped_conv.defvjp(_grouped_conv_fwd, _grouped_conv_bwd)
+_grouped_conv.defvjp(_grouped_conv_fwd, _grouped_conv_bwd)
 
 
 def _norm_operands(activations, params):

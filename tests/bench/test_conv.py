@@ -35,8 +35,9 @@ def test_an_unknown_impl_is_a_usage_error(capsys):
 @pytest.mark.skipif(not onednn.available(), reason="oneDNN path not built here")
 def test_the_unfolded_row_runs_the_kernel_gradient_at_the_groups_own_width():
     """Where `onednn` folds (4 channels a group: 16 groups as 4), a row beside it does not."""
-    fns, _ = bench.timed_functions("onednn", (2, 5, 5, 64), 3, 1, 16, 64, jnp.float32)
-    unfolded, _ = bench.timed_functions("onednn", (2, 5, 5, 64), 3, 1, 16, 64, jnp.float32, False)
+    args = ("onednn", (2, 5, 5, 64), 3, 2, 16, 64, jnp.float32)  # stride 2: oneDNN's kernels
+    fns, _ = bench.timed_functions(*args)
+    unfolded, _ = bench.timed_functions(*args, fold=False)
 
     def kernel_grads(compiled):  # the kernel-gradient calls' result shapes
         lines = compiled.as_text().splitlines()
@@ -44,7 +45,20 @@ def test_the_unfolded_row_runs_the_kernel_gradient_at_the_groups_own_width():
 
     assert kernel_grads(fns["dw"]) == ["f32[3,3,16,64]"]  # 4 groups of 16 inputs
     assert kernel_grads(unfolded["dw"]) == ["f32[3,3,4,64]"]
-    _, rows = bench.bench_shape("2x5x5x64:g16", ["onednn"], True, 1, jnp.float32)
+    _, rows = bench.bench_shape("2x5x5x64:g16:s2", ["onednn"], True, 1, jnp.float32)
     assert [r.split(" | ")[1] for r in rows] == ["dense C=1", "onednn (auto)", bench.UNFOLDED]
     _, rows = bench.bench_shape("2x5x5x64:g8", ["onednn"], True, 1, jnp.float32)  # 8 a group
     assert bench.UNFOLDED not in " ".join(rows)
+
+
+@pytest.mark.skipif(not onednn.available(), reason="oneDNN path not built here")
+def test_where_the_narrow_kernel_runs_a_row_times_onednns():
+    if not onednn.narrow_conv_applies((3, 3, 4, 64), 1, 1, 16, jnp.float32):
+        pytest.skip("this CPU has no AVX-512")
+    args = ("onednn", (2, 5, 5, 64), 3, 1, 16, 64, jnp.float32)
+    calls = lambda c: [n for n in ("narrow_conv", "conv_forward") if n in c.as_text()]  # noqa: E731
+    assert calls(bench.timed_functions(*args)[0]["fwd"]) == ["narrow_conv"]
+    assert calls(bench.timed_functions(*args, narrow=False)[0]["fwd"]) == ["conv_forward"]
+    _, rows = bench.bench_shape("2x5x5x64:g16", ["onednn"], True, 1, jnp.float32)
+    assert [r.split(" | ")[1] for r in rows] == [
+        "dense C=1", "onednn (auto)", bench.ONEDNN_KERNELS, bench.UNFOLDED]  # fmt: skip

@@ -557,3 +557,61 @@ def test_folded_kernel_grad_is_the_grouped_one(x_shape, in_per_group, groups, st
         assert _ulps_apart(got, want) <= 2
     else:
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(abs(want))))
+
+
+def test_the_narrow_conv_kernel_takes_only_its_shape(monkeypatch):
+    applies = onednn.narrow_conv_applies
+    f32 = jnp.float32
+    if not (onednn.available() and onednn._library.ResnextNarrowConvSupported()):
+        assert not applies((3, 3, 4, 128), 1, 1, 32, f32)  # no AVX-512 (or no build): oneDNN's
+        return
+    assert applies((3, 3, 4, 128), 1, 1, 32, f32)  # ResNeXt-50 32x4d, stride 1
+    assert applies((3, 3, 4, 16), 1, 1, 4, f32)
+    assert not applies((3, 3, 4, 128), 2, 1, 32, f32)  # strided
+    assert not applies((3, 3, 4, 128), 1, 1, 32, jnp.bfloat16)
+    assert not applies((3, 3, 8, 256), 1, 1, 32, f32)  # 8 channels a group
+    assert not applies((3, 3, 4, 8), 1, 1, 2, f32)  # not a multiple of 16 channels
+    assert not applies((3, 3, 4, 256), 1, 1, 32, f32)  # 8 outputs a group
+    assert not applies((1, 1, 4, 128), 1, 0, 32, f32)
+    monkeypatch.setenv(onednn.NARROW_SWITCH, "0")
+    assert not applies((3, 3, 4, 128), 1, 1, 32, f32)
+
+
+@needs_onednn
+@pytest.mark.parametrize(
+    "shape", [(2, 9, 11, 128), (3, 7, 7, 64), (2, 6, 5, 16), (1, 4, 6, 32), (2, 1, 1, 16)]
+)  # widths 11, 7, 5, 6 and 1 take each of the kernel's partial blocks of pixels
+def test_the_narrow_conv_kernel_matches_xla(shape):
+    if not onednn.narrow_conv_applies((3, 3, 4, shape[-1]), 1, 1, shape[-1] // 4, jnp.float32):
+        pytest.skip("this CPU has no AVX-512")
+    groups = shape[-1] // 4
+    keys = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(keys[0], shape)
+    kernel = jax.random.normal(keys[1], (3, 3, 4, shape[-1]))
+    dy = jax.random.normal(keys[2], shape)
+
+    def xla(x, kernel):
+        return jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=groups, precision=jax.lax.Precision.HIGHEST)  # fmt: skip
+
+    def ours(x, kernel):
+        return onednn.grouped_conv(x, kernel, 1, 1, groups)
+
+    def outputs(conv):
+        y, vjp = jax.vjp(conv, x, kernel)
+        return (y, *vjp(dy))
+
+    lowered = jax.jit(lambda: outputs(ours)).lower().as_text()
+    assert "narrow_conv_kernel_grad" in lowered and "conv_forward" not in lowered
+    for name, got, want in zip(("y", "dx", "dkernel"), jax.jit(lambda: outputs(ours))(),
+                               jax.jit(lambda: outputs(xla))(), strict=True):  # fmt: skip
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()),
+                                   err_msg=name)  # fmt: skip
+
+
+@needs_onednn
+def test_the_narrow_conv_kernel_checks_its_shapes():
+    x = jnp.ones((1, 4, 4, 8))
+    with pytest.raises(Exception, match="3x3x4xC, C \\(a multiple of 16\\)"):
+        jax.block_until_ready(onednn.narrow_conv(x, jnp.ones((3, 3, 4, 8))))

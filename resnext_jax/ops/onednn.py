@@ -6,7 +6,9 @@ reductions slower than oneDNN, the library PyTorch's CPU layers run on (docs/ben
 activations in place: `onednn_conv.cc` the conv, its input gradient and its kernel gradient
 (the flax kernel layout read through a strided view, any groups); `onednn_norm.cc` the
 training-mode batch norm over groups of images, optionally followed by a ReLU or by a residual
-add and a ReLU, and its backward; `onednn_pool.cc` max pooling and its backward.
+add and a ReLU, and its backward; `onednn_pool.cc` max pooling and its backward. Beside them,
+`narrow_conv.cc` is this project's own AVX-512 kernel for the 3x3 stride-1 convs of 4-channel
+groups, where oneDNN's is slow (`narrow_conv_applies`).
 
 The wrapper is compiled on first use with the system C++ compiler (`$CXX`, a command line such
 as `ccache g++`, else `c++`) against the oneDNN headers and library that requirements.txt
@@ -377,11 +379,11 @@ def _grouped_conv(x, kernel, strides, padding, groups, narrow):
 
 
 def narrow_conv_applies(kernel_shape, strides, padding, groups, dtype) -> bool:
-    """Whether `grouped_conv` runs its forward and input gradient on this project's own kernel
+    """Whether `grouped_conv` runs its forward and both gradients on this project's own kernel
     (csrc/narrow_conv.cc) instead of oneDNN's: a 3x3 conv, stride 1, padding 1, of 4 input and
     4 output channels a group (ResNeXt's 32x4d and 64x4d) and channels a multiple of 16, in
-    float32, on a CPU with AVX-512. oneDNN 3.2's kernel for such groups ran at under half its
-    speed (docs/benchmarks.md, "A narrow-group conv kernel of our own").
+    float32, on a CPU with AVX-512. oneDNN 3.2's kernel for such groups took 2-3x its time
+    (docs/benchmarks.md, "A narrow-group conv kernel of our own").
     `RESNEXT_JAX_NARROW_CONV=0`, read when a step is traced, keeps oneDNN's.
     """
     kh, kw, cin, out = kernel_shape

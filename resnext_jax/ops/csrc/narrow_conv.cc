@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -38,6 +39,17 @@ void Pack(const float* w, int64_t c, float* packed) {
         const int64_t g = o / kPer, i = o % kPer;
         packed[(t * kPer + r) * c + o] = w[(t * kPer + i) * c + g * kPer + (i + r) % kPer];
       }
+}
+
+// Lane permutations that rotate each group of 4 lanes by r = 0..3: lane 4g+k of rotation r
+// reads lane 4g+(k+sign*r)%4.
+__attribute__((target("avx512f"))) void Rotations(int sign, __m512i* rotate) {
+  for (int r = 0; r < kPer; ++r) {
+    alignas(64) int32_t lanes[kLanes];
+    for (int l = 0; l < kLanes; ++l)
+      lanes[l] = l / kPer * kPer + ((l % kPer + sign * r) & (kPer - 1));
+    rotate[r] = _mm512_load_si512(lanes);
+  }
 }
 
 // P neighbouring output pixels of row (n, oh) from column ow, channels [16j, 16j + 16).
@@ -87,11 +99,7 @@ __attribute__((target("avx512f"))) inline void Block(const float* x, const float
 __attribute__((target("avx512f"))) void Conv(const float* x, const float* packed, float* y,
                                              int64_t n, int64_t h, int64_t w, int64_t c) {
   __m512i rotate[kPer];  // lane 4g+o of rotation r reads lane 4g+(o-r)%4
-  for (int r = 0; r < kPer; ++r) {
-    alignas(64) int32_t lanes[kLanes];
-    for (int l = 0; l < kLanes; ++l) lanes[l] = l / kPer * kPer + ((l % kPer - r) & (kPer - 1));
-    rotate[r] = _mm512_load_si512(lanes);
-  }
+  Rotations(-1, rotate);
   const int64_t chunks = c / kLanes, full = w / 4 * 4;
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t b = 0; b < n; ++b)
@@ -118,11 +126,7 @@ __attribute__((target("avx512f"))) void KernelGrad(const float* x, const float* 
                                                    int64_t n, int64_t h, int64_t w,
                                                    int64_t c) {
   __m512i rotate[kPer];  // lane 4g+i of rotation r reads lane 4g+(i+r)%4
-  for (int r = 0; r < kPer; ++r) {
-    alignas(64) int32_t lanes[kLanes];
-    for (int l = 0; l < kLanes; ++l) lanes[l] = l / kPer * kPer + (l % kPer + r) % kPer;
-    rotate[r] = _mm512_load_si512(lanes);
-  }
+  Rotations(1, rotate);
   const int64_t size = 9 * kPer * c, chunks = c / kLanes;
   std::vector<float> partial(omp_get_max_threads() * size, 0.f);
   int threads = 1;
@@ -178,19 +182,30 @@ __attribute__((target("avx512f"))) void KernelGrad(const float* x, const float* 
       }
 }
 
-ffi::Error NarrowConv(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
-                      ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions(), kd = kernel.dimensions(), yd = y->dimensions();
-  if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4)
+// Checks a call's shapes: NHWC `x`, `other` (the output, or the output gradient: `what`) shaped
+// like it, and a 3x3x4xC kernel (or kernel gradient) `kd`; and that the CPU has AVX-512.
+ffi::Error Check(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> other,
+                 ffi::Span<const int64_t> kd, const char* what) {
+  if (xd.size() != 4 || other.size() != 4 || kd.size() != 4)
     return ffi::Error::InvalidArgument("narrow conv: NHWC activations and an HWIO kernel");
   const int64_t c = xd[3];
   if (kd[0] != 3 || kd[1] != 3 || kd[2] != kPer || kd[3] != c || c % kLanes)
     return ffi::Error::InvalidArgument(
         "narrow conv: the kernel must be 3x3x4xC, C (a multiple of 16) the input's channels");
   for (int d = 0; d < 4; ++d)
-    if (yd[d] != xd[d]) return ffi::Error::InvalidArgument("narrow conv: output shape differs");
+    if (other[d] != xd[d])
+      return ffi::Error::InvalidArgument(std::string("narrow conv: ") + what + " shape differs");
   if (!__builtin_cpu_supports("avx512f"))
     return ffi::Error::Internal("narrow conv: this CPU has no AVX-512");
+  return ffi::Error::Success();
+}
+
+ffi::Error NarrowConv(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions();
+  if (auto error = Check(xd, y->dimensions(), kernel.dimensions(), "output"); error.failure())
+    return error;
+  const int64_t c = xd[3];
   std::vector<float> packed(9 * kPer * c);
   Pack(kernel.typed_data(), c, packed.data());
   Conv(x.typed_data(), packed.data(), y->typed_data(), xd[0], xd[1], xd[2], c);
@@ -199,18 +214,10 @@ ffi::Error NarrowConv(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
 
 ffi::Error NarrowConvKernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                                 ffi::ResultBuffer<ffi::F32> dw) {
-  const auto xd = x.dimensions(), yd = dy.dimensions(), kd = dw->dimensions();
-  if (xd.size() != 4 || yd.size() != 4 || kd.size() != 4)
-    return ffi::Error::InvalidArgument("narrow conv: NHWC activations and an HWIO kernel");
-  const int64_t c = xd[3];
-  if (kd[0] != 3 || kd[1] != 3 || kd[2] != kPer || kd[3] != c || c % kLanes)
-    return ffi::Error::InvalidArgument(
-        "narrow conv: the kernel must be 3x3x4xC, C (a multiple of 16) the input's channels");
-  for (int d = 0; d < 4; ++d)
-    if (yd[d] != xd[d]) return ffi::Error::InvalidArgument("narrow conv: gradient shape differs");
-  if (!__builtin_cpu_supports("avx512f"))
-    return ffi::Error::Internal("narrow conv: this CPU has no AVX-512");
-  KernelGrad(x.typed_data(), dy.typed_data(), dw->typed_data(), xd[0], xd[1], xd[2], c);
+  const auto xd = x.dimensions();
+  if (auto error = Check(xd, dy.dimensions(), dw->dimensions(), "gradient"); error.failure())
+    return error;
+  KernelGrad(x.typed_data(), dy.typed_data(), dw->typed_data(), xd[0], xd[1], xd[2], xd[3]);
   return ffi::Error::Success();
 }
 

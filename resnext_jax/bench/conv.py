@@ -15,8 +15,9 @@ the dense conv's. "(auto)" marks the impl `select_impl` picks, "(xla_auto)" its 
 the XLA formulations where that differs (`auto` without oneDNN). Where `onednn` folds the
 kernel gradient of narrow groups (resnext_jax.ops.onednn.kernel_grad_fold), a row
 "onednn, dw unfolded" times oneDNN's kernels without folding, side by side; where it runs the
-project's own narrow-group kernel (onednn.narrow_conv_applies), a row "onednn, oneDNN's
-kernels" times oneDNN's instead.
+project's own narrow-group kernel (onednn.narrow_conv_applies) or a 1x1 kernel gradient as a
+matmul (onednn.pointwise_matmul_applies), a row "onednn, oneDNN's kernels" times oneDNN's
+conv primitives instead.
 """
 
 import argparse
@@ -107,9 +108,10 @@ SHAPE_SETS = {
 
 
 # The row of `onednn` with its kernel gradient computed at the groups' own width (and oneDNN's
-# kernels where the project's own narrow-group kernel would run).
+# conv primitives where the project's own narrow-group kernel would run).
 UNFOLDED = "onednn, dw unfolded"
-# The row of `onednn` with oneDNN's kernels where the project's narrow-group kernel would run.
+# The row of `onednn` with oneDNN's conv primitives where the project's narrow-group kernel or
+# the 1x1 kernel gradient's matmul would run.
 ONEDNN_KERNELS = "onednn, oneDNN's kernels"
 
 
@@ -127,10 +129,11 @@ def parse_shape(spec):
     return x_shape, fields["k"], fields["s"], fields["g"], fields["o"] or x_shape[-1]
 
 
-def timed_functions(impl, x_shape, k, strides, groups, out, dtype, fold=True, narrow=True):
+def timed_functions(impl, x_shape, k, strides, groups, out, dtype, fold=True, own_kernels=True):
     """Compiled fwd, input grad, kernel grad, and fwd+bwd of one conv, with their arguments;
     with `fold=False`, `onednn`'s kernel gradient is not folded (onednn.kernel_grad_fold), and
-    with `narrow=False` oneDNN runs where the narrow-group kernel would (narrow_conv_applies)."""
+    with `own_kernels=False` oneDNN's conv primitives run where the narrow-group kernel or the
+    pointwise matmul would (onednn.narrow_conv_applies, onednn.pointwise_matmul_applies)."""
     width = x_shape[-1]
     x = jax.random.normal(jax.random.key(0), x_shape, dtype)
     kernel = jax.random.normal(jax.random.key(1), (k, k, width // groups, out), dtype) * 0.05
@@ -164,8 +167,9 @@ def timed_functions(impl, x_shape, k, strides, groups, out, dtype, fold=True, na
         "block": jit(block),
     }
     # The switches are read when tracing: compile now, under them.
-    switches = {onednn.FOLD_SWITCH: "1" if fold else "0",
-                onednn.NARROW_SWITCH: "1" if narrow else "0"}  # fmt: skip
+    own = "1" if own_kernels else "0"
+    switches = {onednn.FOLD_SWITCH: "1" if fold else "0", onednn.NARROW_SWITCH: own,
+                onednn.POINTWISE_SWITCH: own}  # fmt: skip
     with mock.patch.dict(os.environ, switches):
         fns = {mode: fn.lower(x, kernel, dy).compile() for mode, fn in fns.items()}
     return fns, (x, kernel, dy)
@@ -211,10 +215,12 @@ def bench_shape(spec, impls, parts, reps, dtype):
     runs.update({i: timed_functions(i, x_shape, k, strides, groups, out, dtype) for i in impls})
     onednn_args = ("onednn", x_shape, k, strides, groups, out, dtype)
     kernel = (k, k, x_shape[-1] // groups, out)
-    if "onednn" in impls and onednn.narrow_conv_applies(kernel, strides, k // 2, groups, dtype):
-        runs[ONEDNN_KERNELS] = timed_functions(*onednn_args, narrow=False)
+    own = onednn.narrow_conv_applies(kernel, strides, k // 2, groups, dtype)
+    own |= onednn.pointwise_matmul_applies(x_shape, kernel, strides, k // 2, groups)
+    if "onednn" in impls and own:
+        runs[ONEDNN_KERNELS] = timed_functions(*onednn_args, own_kernels=False)
     if "onednn" in impls and onednn.kernel_grad_fold(x_shape[-1] // groups, groups) > 1:
-        runs[UNFOLDED] = timed_functions(*onednn_args, fold=False, narrow=False)
+        runs[UNFOLDED] = timed_functions(*onednn_args, fold=False, own_kernels=False)
     ms = median_ms(runs, modes, reps)
     auto = conv_ops.select_impl(x_shape, kernel, strides, groups)
     xla_auto = conv_ops.select_impl(x_shape, kernel, strides, groups, use_onednn=False)

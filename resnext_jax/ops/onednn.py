@@ -72,6 +72,8 @@ FOLD_SWITCH = "RESNEXT_JAX_ONEDNN_FOLD"  # 0: no folded kernel gradients (kernel
 # 0: batch_norm's ReLU gradient as a separate XLA pass instead of inside oneDNN's backward
 RELU_GRAD_SWITCH = "RESNEXT_JAX_ONEDNN_NORM_RELU"
 NARROW_SWITCH = "RESNEXT_JAX_NARROW_CONV"  # 0: oneDNN for the convs narrow_conv_applies to
+# 0: oneDNN's conv primitive for the kernel gradients pointwise_matmul_applies to
+POINTWISE_SWITCH = "RESNEXT_JAX_ONEDNN_MATMUL_DW"
 CACHE = "RESNEXT_JAX_CACHE"
 BUILD_TIMEOUT = "RESNEXT_JAX_BUILD_TIMEOUT"  # seconds
 DEFAULT_BUILD_TIMEOUT = 600  # generous: it is there to stop a hung compiler, not a slow one
@@ -85,6 +87,7 @@ TARGETS = {
     "pool_backward": "ResnextOnednnPoolBackward",
     "narrow_conv": "ResnextNarrowConv",
     "narrow_conv_kernel_grad": "ResnextNarrowConvKernelGrad",
+    "pointwise_kernel_grad": "ResnextOnednnPointwiseKernelGrad",
 }
 # OpenMP: narrow_conv.cc's threads, from the same libgomp as oneDNN's.
 FLAGS = ["-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-fopenmp"]
@@ -363,14 +366,15 @@ def grouped_conv(x, kernel, strides, padding, groups):
     accumulated in float32); other dtypes are cast to float32 and back.
     """
     t = _compute_dtype(x, kernel)
-    # Decided here, outside the differentiable function, whose trace JAX caches: the switch
-    # is read on every call.
+    # Decided here, outside the differentiable function, whose trace JAX caches: the switches
+    # are read on every call.
     narrow = narrow_conv_applies(kernel.shape, strides, padding, groups, t)
-    return _grouped_conv(x, kernel, strides, padding, groups, narrow)
+    matmul_dw = pointwise_matmul_applies(x.shape, kernel.shape, strides, padding, groups)
+    return _grouped_conv(x, kernel, strides, padding, groups, narrow, matmul_dw)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _grouped_conv(x, kernel, strides, padding, groups, narrow):
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _grouped_conv(x, kernel, strides, padding, groups, narrow, matmul_dw):
     t = _compute_dtype(x, kernel)
     if narrow:
         return narrow_conv(x.astype(t), kernel.astype(t)).astype(x.dtype)
@@ -396,6 +400,42 @@ def narrow_conv_applies(kernel_shape, strides, padding, groups, dtype) -> bool:
         and available()
         and bool(_library.ResnextNarrowConvSupported())
     )
+
+
+# A stride-1 1x1 conv's kernel gradient runs as a matmul where it sums over at most this many
+# positions per output channel.
+POINTWISE_POSITIONS_PER_OUTPUT = 32
+
+
+def pointwise_matmul_applies(x_shape, kernel_shape, strides, padding, groups) -> bool:
+    """Whether `grouped_conv` computes its kernel gradient as one oneDNN matmul
+    (`pointwise_kernel_grad`) instead of oneDNN's convolution_backward_weights: a dense 1x1
+    conv, stride 1, no padding, whose n*h*w positions are at most
+    POINTWISE_POSITIONS_PER_OUTPUT per output channel (at batch 16 and 224 px, ResNet-50's and
+    ResNeXt-50's 1x1 convs from the 28x28 stage's widening ones on). There oneDNN 3.2's
+    primitive, with the reorder of its blocked result, took up to 1.5x the matmul's time
+    (docs/benchmarks.md, "1x1 kernel gradients as a matmul").
+    `RESNEXT_JAX_ONEDNN_MATMUL_DW=0`, read when a step is traced, keeps the conv primitive.
+    """
+    n, h, w, _ = x_shape
+    kh, kw, _, out = kernel_shape
+    return (
+        (kh, kw, strides, padding, groups) == (1, 1, 1, 0, 1)
+        and n * h * w <= POINTWISE_POSITIONS_PER_OUTPUT * out
+        and os.environ.get(POINTWISE_SWITCH, "1") != "0"
+    )
+
+
+def pointwise_kernel_grad(x, dy):
+    """The (1, 1, c, out) kernel gradient of a stride-1 1x1 conv of NHWC `x` (c channels) with
+    output gradient `dy` (out channels), as one oneDNN matmul (x's positions transposed, in
+    place, times dy's); float32 or bfloat16, the operands' type."""
+    require()
+    dtype = _check_dtypes("pointwise kernel grad", x, dy)
+    x, dy = parallel.vary_like(x, dy), parallel.vary_like(dy, x)
+    result = jax.typeof(x).update(shape=(1, 1, x.shape[-1], dy.shape[-1]), dtype=dtype)
+    call = jax.ffi.ffi_call(_name("pointwise_kernel_grad"), result, vmap_method="sequential")
+    return call(x, dy)
 
 
 def narrow_conv(x, kernel):
@@ -433,11 +473,11 @@ def _compute_dtype(*arrays):
     return dtypes.pop() if len(dtypes) == 1 and dtypes <= native else np.dtype(np.float32)
 
 
-def _grouped_conv_fwd(x, kernel, strides, padding, groups, narrow):
-    return _grouped_conv(x, kernel, strides, padding, groups, narrow), (x, kernel)
+def _grouped_conv_fwd(x, kernel, strides, padding, groups, narrow, matmul_dw):
+    return _grouped_conv(x, kernel, strides, padding, groups, narrow, matmul_dw), (x, kernel)
 
 
-def _grouped_conv_bwd(strides, padding, groups, narrow, residuals, dy):
+def _grouped_conv_bwd(strides, padding, groups, narrow, matmul_dw, residuals, dy):
     x, kernel = residuals
     t = _compute_dtype(x, kernel)
     xt, kt, dyt = x.astype(t), kernel.astype(t), dy.astype(t)
@@ -446,7 +486,10 @@ def _grouped_conv_bwd(strides, padding, groups, narrow, residuals, dy):
         dw = narrow_conv_kernel_grad(xt, dyt)
     else:
         dx = input_grad(dyt, kt, x.shape, strides, padding, groups)
-        dw = folded_kernel_grad(xt, dyt, kernel.shape, strides, padding, groups)
+        if matmul_dw:
+            dw = pointwise_kernel_grad(xt, dyt)
+        else:
+            dw = folded_kernel_grad(xt, dyt, kernel.shape, strides, padding, groups)
     return dx.astype(x.dtype), dw.astype(kernel.dtype)
 
 

@@ -58,7 +58,17 @@ def test_where_the_narrow_kernel_runs_a_row_times_onednns():
     args = ("onednn", (2, 5, 5, 64), 3, 1, 16, 64, jnp.float32)
     calls = lambda c: [n for n in ("narrow_conv", "conv_forward") if n in c.as_text()]  # noqa: E731
     assert calls(bench.timed_functions(*args)[0]["fwd"]) == ["narrow_conv"]
-    assert calls(bench.timed_functions(*args, narrow=False)[0]["fwd"]) == ["conv_forward"]
+    assert calls(bench.timed_functions(*args, own_kernels=False)[0]["fwd"]) == ["conv_forward"]
     _, rows = bench.bench_shape("2x5x5x64:g16", ["onednn"], True, 1, jnp.float32)
     assert [r.split(" | ")[1] for r in rows] == [
         "dense C=1", "onednn (auto)", bench.ONEDNN_KERNELS, bench.UNFOLDED]  # fmt: skip
+
+
+@pytest.mark.skipif(not onednn.available(), reason="oneDNN path not built here")
+def test_where_the_pointwise_matmul_runs_a_row_times_onednns_conv():
+    args = ("onednn", (2, 7, 7, 64), 1, 1, 1, 128, jnp.float32)  # 98 positions, 128 outputs
+    calls = lambda c: [n for n in ("pointwise_kernel_grad", "conv_kernel_grad") if n in c.as_text()]  # noqa: E731, E501
+    assert calls(bench.timed_functions(*args)[0]["dw"]) == ["pointwise_kernel_grad"]
+    assert calls(bench.timed_functions(*args, own_kernels=False)[0]["dw"]) == ["conv_kernel_grad"]
+    _, rows = bench.bench_shape("2x7x7x64:k1:o128", ["onednn"], True, 1, jnp.float32)
+    assert [r.split(" | ")[1] for r in rows] == ["dense C=1", "onednn (auto)", bench.ONEDNN_KERNELS]

@@ -198,6 +198,8 @@ def test_build_is_cached_by_content(tmp_path, monkeypatch):
 
 def test_the_onednn_impl_explains_why_it_cannot_run(monkeypatch):
     monkeypatch.setattr(onednn, "_load", lambda: "no oneDNN on this machine")
+    # Not left cached as False for the tests after this one (bfloat16_native is cached).
+    monkeypatch.setattr(onednn, "bfloat16_native", lambda: False)
     x, kernel = jnp.zeros((1, 4, 4, 8)), jnp.zeros((3, 3, 2, 8))
     with pytest.raises(onednn.OnednnUnavailable, match="no oneDNN on this machine.*conv_impl"):
         conv.conv2d(x, kernel, padding=1, groups=4, impl="onednn")
@@ -615,3 +617,56 @@ def test_the_narrow_conv_kernel_checks_its_shapes():
     x = jnp.ones((1, 4, 4, 8))
     with pytest.raises(Exception, match="3x3x4xC, C \\(a multiple of 16\\)"):
         jax.block_until_ready(onednn.narrow_conv(x, jnp.ones((3, 3, 4, 8))))
+
+
+def test_the_pointwise_matmul_takes_only_its_shape(monkeypatch):
+    applies = onednn.pointwise_matmul_applies
+    assert applies((16, 14, 14, 512), (1, 1, 512, 1024), 1, 0, 1)  # 3136 positions, 1024 out
+    assert applies((16, 28, 28, 256), (1, 1, 256, 512), 1, 0, 1)  # 12544 <= 32 * 512
+    assert not applies((16, 28, 28, 512), (1, 1, 512, 256), 1, 0, 1)  # 12544 > 32 * 256
+    assert not applies((16, 56, 56, 64), (1, 1, 64, 256), 1, 0, 1)
+    assert not applies((16, 14, 14, 512), (1, 1, 512, 1024), 2, 0, 1)  # strided
+    assert not applies((16, 14, 14, 512), (3, 3, 512, 512), 1, 1, 1)  # 3x3
+    assert not applies((16, 14, 14, 512), (1, 1, 16, 1024), 1, 0, 32)  # grouped
+    monkeypatch.setenv(onednn.POINTWISE_SWITCH, "0")
+    assert not applies((16, 14, 14, 512), (1, 1, 512, 1024), 1, 0, 1)
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(
+    "shape,out", [((2, 7, 7, 64), 128), ((1, 3, 5, 48), 256), ((4, 2, 2, 16), 16)]
+)
+def test_the_pointwise_kernel_grad_matches_xla(shape, out, dtype):
+    """The 1x1 conv's kernel gradient as one matmul, against XLA's conv gradient: the same
+    products, summed in another order."""
+    assert onednn.pointwise_matmul_applies(shape, (1, 1, shape[-1], out), 1, 0, 1)
+    keys = jax.random.split(jax.random.key(4), 3)
+    x = jax.random.normal(keys[0], shape).astype(dtype)
+    kernel = (jax.random.normal(keys[1], (1, 1, shape[-1], out)) * 0.1).astype(dtype)
+    dy = jax.random.normal(keys[2], (*shape[:3], out)).astype(dtype)
+
+    def outputs(conv):
+        y, vjp = jax.vjp(lambda x, k: conv(x, k, 1, 0, 1), x, kernel)
+        return (y, *vjp(dy))
+
+    lowered = jax.jit(lambda: outputs(onednn.grouped_conv)).lower().as_text()
+    assert "pointwise_kernel_grad" in lowered and "conv_kernel_grad" not in lowered
+    got = jax.jit(lambda: outputs(onednn.grouped_conv))()
+    want = jax.jit(lambda: outputs(conv.xla_convs.native))()
+    for name, g, w in zip(("y", "dx", "dkernel"), got, want, strict=True):
+        assert g.dtype == w.dtype == dtype, name
+        if dtype == jnp.bfloat16:
+            assert _ulps_apart(g, w) <= 2, name
+        else:
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(jnp.abs(w).max()),
+                                       err_msg=name)  # fmt: skip
+
+
+@needs_onednn
+def test_the_pointwise_kernel_grad_checks_its_shapes():
+    x, dy = jnp.ones((2, 4, 4, 8)), jnp.ones((2, 4, 5, 16))
+    with pytest.raises(Exception, match=r"x \(n, h, w, c\), dy \(n, h, w, out\)"):
+        jax.block_until_ready(onednn.pointwise_kernel_grad(x, dy))
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        onednn.pointwise_kernel_grad(x.astype(jnp.float16), dy.astype(jnp.float16))

@@ -160,12 +160,61 @@ ffi::Error KernelGrad(Data x, Data dy, DataResult dk, int64_t stride, int64_t pa
   });
 }
 
+// A stride-1 1x1 conv's kernel gradient as one matmul: x seen as (c, n*h*w) (a transposed view,
+// read in place) times dy as (n*h*w, out) gives the (1, 1, c, out) kernel gradient in flax's
+// layout. oneDNN 3.2's 1x1 convolution_backward_weights, and the reorder of its blocked result
+// into that layout, took longer where the kernel is large beside the positions summed over
+// (docs/benchmarks.md, "1x1 kernel gradients as a matmul"); onednn.py says where this runs.
+struct Pointwise {
+  int64_t positions, c, out;
+  memory::data_type dt;
+  auto key() const { return std::tie(positions, c, out, dt); }
+  bool operator<(const Pointwise& o) const { return key() < o.key(); }
+  memory::desc x() const { return {{c, positions}, dt, memory::dims{1, c}}; }
+  memory::desc dy() const { return {{positions, out}, dt, Tag::ab}; }
+  memory::desc dk() const { return {{c, out}, dt, Tag::ab}; }
+};
+
+struct PointwisePrimitives {
+  dnnl::matmul::primitive_desc pd;
+  dnnl::matmul matmul;
+  explicit PointwisePrimitives(const Pointwise& p)
+      : pd(Engine(), p.x(), p.dy(), p.dk(), UserScratchpad()), matmul(pd) {}
+};
+
+ffi::Error PointwiseKernelGrad(Data x, Data dy, DataResult dk) {
+  const auto xd = x.dimensions(), yd = dy.dimensions(), kd = dk->dimensions();
+  if (xd.size() != 4 || yd.size() != 4 || kd.size() != 4)
+    return ffi::Error::InvalidArgument("onednn pointwise kernel grad: 4-D operands");
+  memory::data_type dt;
+  if (!SharedDataType({&x, &dy, &*dk}, &dt))
+    return ffi::Error::InvalidArgument(
+        "onednn pointwise kernel grad: operands and result must be all float32 or all bfloat16");
+  if (yd[0] != xd[0] || yd[1] != xd[1] || yd[2] != xd[2] || kd[0] != 1 || kd[1] != 1 ||
+      kd[2] != xd[3] || kd[3] != yd[3])
+    return ffi::Error::InvalidArgument(
+        "onednn pointwise kernel grad: x (n, h, w, c), dy (n, h, w, out), result (1, 1, c, out)");
+  const Pointwise p{xd[0] * xd[1] * xd[2], xd[3], yd[3], dt};
+  return Guard("onednn pointwise kernel grad", [&] {
+    auto& prims = Cached<PointwisePrimitives>(p);
+    dnnl::stream s(Engine());
+    memory a(p.x(), Engine(), x.untyped_data()), b(p.dy(), Engine(), dy.untyped_data());
+    memory c(p.dk(), Engine(), dk->untyped_data());
+    prims.matmul.execute(s, {{DNNL_ARG_SRC, a},
+                             {DNNL_ARG_WEIGHTS, b},
+                             {DNNL_ARG_DST, c},
+                             {DNNL_ARG_SCRATCHPAD, Scratch(prims.pd)}});
+    s.wait();
+  });
+}
+
 }  // namespace
 }  // namespace resnext_onednn
 
 EXPORT XLA_FFI_Error* ResnextOnednnConvForward(XLA_FFI_CallFrame*);
 EXPORT XLA_FFI_Error* ResnextOnednnConvInputGrad(XLA_FFI_CallFrame*);
 EXPORT XLA_FFI_Error* ResnextOnednnConvKernelGrad(XLA_FFI_CallFrame*);
+EXPORT XLA_FFI_Error* ResnextOnednnPointwiseKernelGrad(XLA_FFI_CallFrame*);
 
 using resnext_onednn::Data;
 
@@ -180,6 +229,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     ResnextOnednnConvKernelGrad, resnext_onednn::KernelGrad,
     ffi::Ffi::Bind().Arg<Data>().Arg<Data>().Ret<Data>().CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnextOnednnPointwiseKernelGrad,
+                              resnext_onednn::PointwiseKernelGrad,
+                              ffi::Ffi::Bind().Arg<Data>().Arg<Data>().Ret<Data>());
 
 // For the Python side's sanity check: the oneDNN version this file was built against.
 EXPORT int ResnextOnednnVersion() {

@@ -4,7 +4,8 @@ XLA CPU has no fast kernel for narrow-group convolutions, runs its dense convs a
 reductions slower than oneDNN, the library PyTorch's CPU layers run on (docs/benchmarks.md).
 `csrc/` wraps oneDNN's primitives as XLA FFI handlers that read this project's NHWC
 activations in place: `onednn_conv.cc` the conv, its input gradient and its kernel gradient
-(the flax kernel layout read through a strided view, any groups); `onednn_norm.cc` the
+(the flax kernel layout read through a strided view, any groups), and a 1x1 conv's kernel
+gradient as one matmul (`pointwise_matmul_applies`); `onednn_norm.cc` the
 training-mode batch norm over groups of images, optionally followed by a ReLU or by a residual
 add and a ReLU, and its backward; `onednn_pool.cc` max pooling and its backward. Beside them,
 `narrow_conv.cc` is this project's own AVX-512 kernel for the 3x3 stride-1 convs of 4-channel
@@ -385,8 +386,8 @@ def _grouped_conv(x, kernel, strides, padding, groups, narrow, matmul_dw):
 def narrow_conv_applies(kernel_shape, strides, padding, groups, dtype) -> bool:
     """Whether `grouped_conv` runs its forward and both gradients on this project's own kernel
     (csrc/narrow_conv.cc) instead of oneDNN's: a 3x3 conv, stride 1, padding 1, of 4 input and
-    4 output channels a group (ResNeXt's 32x4d and 64x4d) and channels a multiple of 16, in
-    float32, on a CPU with AVX-512. oneDNN 3.2's kernel for such groups took 2-3x its time
+    4 output channels a group (stage 1 of ResNeXt 32x4d and 64x4d) and channels a multiple of
+    16, in float32, on a CPU with AVX-512. oneDNN 3.2's kernel for such groups took 2-3x its time
     (docs/benchmarks.md, "A narrow-group conv kernel of our own").
     `RESNEXT_JAX_NARROW_CONV=0`, read when a step is traced, keeps oneDNN's.
     """

@@ -1,6 +1,6 @@
-// A 3x3, stride-1, padding-1 grouped conv of 4 input and 4 output channels a group (ResNeXt's
-// 32x4d), float32 NHWC, written for AVX-512: oneDNN 3.2's kernel for such narrow groups runs
-// far below the CPU's speed (docs/benchmarks.md, "A narrow-group conv kernel of our own").
+// A 3x3, stride-1, padding-1 grouped conv of 4 input and 4 output channels a group (stage 1 of
+// ResNeXt 32x4d), float32 NHWC, written for AVX-512: oneDNN 3.2's kernel for such narrow groups
+// runs far below the CPU's speed (docs/benchmarks.md, "A narrow-group conv kernel of our own").
 // One XLA FFI handler; resnext_jax/ops/onednn.py builds this file beside the oneDNN ones and
 // calls it for the forward and, with the kernel flipped and transposed within groups, for the
 // input gradient, where `narrow_conv_applies` says so.

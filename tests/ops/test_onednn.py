@@ -666,7 +666,7 @@ def test_the_pointwise_kernel_grad_matches_xla(shape, out, dtype):
 @needs_onednn
 def test_the_pointwise_kernel_grad_checks_its_shapes():
     x, dy = jnp.ones((2, 4, 4, 8)), jnp.ones((2, 4, 5, 16))
-    with pytest.raises(Exception, match=r"x \(n, h, w, c\), dy \(n, h, w, out\)"):
+    with pytest.raises(Exception, match="output shape does not match the conv"):
         jax.block_until_ready(onednn.pointwise_kernel_grad(x, dy))
     with pytest.raises(TypeError, match="float32 or bfloat16"):
         onednn.pointwise_kernel_grad(x.astype(jnp.float16), dy.astype(jnp.float16))

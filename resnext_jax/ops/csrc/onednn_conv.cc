@@ -183,18 +183,11 @@ struct PointwisePrimitives {
 };
 
 ffi::Error PointwiseKernelGrad(Data x, Data dy, DataResult dk) {
-  const auto xd = x.dimensions(), yd = dy.dimensions(), kd = dk->dimensions();
-  if (xd.size() != 4 || yd.size() != 4 || kd.size() != 4)
-    return ffi::Error::InvalidArgument("onednn pointwise kernel grad: 4-D operands");
-  memory::data_type dt;
-  if (!SharedDataType({&x, &dy, &*dk}, &dt))
-    return ffi::Error::InvalidArgument(
-        "onednn pointwise kernel grad: operands and result must be all float32 or all bfloat16");
-  if (yd[0] != xd[0] || yd[1] != xd[1] || yd[2] != xd[2] || kd[0] != 1 || kd[1] != 1 ||
-      kd[2] != xd[3] || kd[3] != yd[3])
-    return ffi::Error::InvalidArgument(
-        "onednn pointwise kernel grad: x (n, h, w, c), dy (n, h, w, out), result (1, 1, c, out)");
-  const Pointwise p{xd[0] * xd[1] * xd[2], xd[3], yd[3], dt};
+  auto conv = MakeProblem(x, *dk, dy, 1, 0, 1);
+  if (conv.has_error()) return conv.error();
+  if (conv->kh != 1 || conv->kw != 1)
+    return ffi::Error::InvalidArgument("onednn pointwise kernel grad: the kernel must be 1x1");
+  const Pointwise p{conv->n * conv->h * conv->w, conv->c, conv->out, conv->dt};
   return Guard("onednn pointwise kernel grad", [&] {
     auto& prims = Cached<PointwisePrimitives>(p);
     dnnl::stream s(Engine());

@@ -76,17 +76,19 @@ def instruction_layers(hlo_text: str, train: bool = True) -> dict:
     return layers
 
 
-def attribute(events, layers: dict, steps: int) -> collections.Counter:
-    """{(layer, pass): ms per step} from trace events ({"ph", "name", "dur" in us})."""
+def attribute(events, layers: dict) -> collections.Counter:
+    """{(layer, pass): ms} from one step's trace events ({"ph", "name", "dur" in us}) and
+    `instruction_layers` of its HLO."""
     ms = collections.Counter()
     for e in events:
         if e.get("ph") == "X" and e.get("name") in layers:
-            ms[layers[e["name"]]] += e["dur"] / 1e3 / steps
+            ms[layers[e["name"]]] += e["dur"] / 1e3
     return ms
 
 
-def traced_step(bench, train: bool) -> tuple[collections.Counter, float]:
-    """({(layer, pass): ms}, wall ms) of one step of a built and warmed-up JaxBench."""
+def traced_step(bench, layers: dict) -> tuple[collections.Counter, float]:
+    """({(layer, pass): ms}, wall ms) of one step of a built and warmed-up JaxBench whose
+    step's HLO gave `layers` (`instruction_layers`)."""
     import jax
 
     with tempfile.TemporaryDirectory() as trace_dir:
@@ -97,21 +99,21 @@ def traced_step(bench, train: bool) -> tuple[collections.Counter, float]:
             raise RuntimeError(f"jax.profiler wrote no trace under {trace_dir}")
         with gzip.open(found[0]) as f:
             events = json.load(f)["traceEvents"]
-    layers = instruction_layers(bench.step.as_text(), train)
-    return attribute(events, layers, 1), 1e3 * seconds
+    return attribute(events, layers), 1e3 * seconds
 
 
 def profile(specs, opts, reps: int) -> dict:
     """{spec: ({(layer, pass): median ms}, median wall ms)}, the models traced in turn."""
-    benches = {}
+    benches, layers = {}, {}
     for spec in specs:
         benches[spec] = models.JaxBench(spec, opts[spec])
         benches[spec].build()
         benches[spec].setup()  # compiles and warms up
+        layers[spec] = instruction_layers(benches[spec].step.as_text(), opts[spec].mode == "train")
     runs = {spec: [] for spec in specs}
     for _ in range(reps):
         for spec, bench in benches.items():
-            runs[spec].append(traced_step(bench, opts[spec].mode == "train"))
+            runs[spec].append(traced_step(bench, layers[spec]))
     results = {}
     for spec, traced in runs.items():
         keys = set().union(*(ms.keys() for ms, _ in traced))

@@ -8,8 +8,8 @@ activations in place: `onednn_conv.cc` the conv, its input gradient and its kern
 gradient as one matmul (`pointwise_matmul_applies`); `onednn_norm.cc` the
 training-mode batch norm over groups of images, optionally followed by a ReLU or by a residual
 add and a ReLU, and its backward; `onednn_pool.cc` max pooling and its backward. Beside them,
-`narrow_conv.cc` is this project's own AVX-512 kernel for the 3x3 stride-1 convs of 4-channel
-groups, where oneDNN's is slow (`narrow_conv_applies`).
+`narrow_conv.cc` is this project's own AVX-512 kernel for the 3x3 convs, stride 1 or 2, of
+4- and 8-channel groups, where oneDNN's is slow (`narrow_conv_applies`).
 
 The wrapper is compiled on first use with the system C++ compiler (`$CXX`, a command line such
 as `ccache g++`, else `c++`) against the oneDNN headers and library that requirements.txt
@@ -73,6 +73,8 @@ FOLD_SWITCH = "RESNEXT_JAX_ONEDNN_FOLD"  # 0: no folded kernel gradients (kernel
 # 0: batch_norm's ReLU gradient as a separate XLA pass instead of inside oneDNN's backward
 RELU_GRAD_SWITCH = "RESNEXT_JAX_ONEDNN_NORM_RELU"
 NARROW_SWITCH = "RESNEXT_JAX_NARROW_CONV"  # 0: oneDNN for the convs narrow_conv_applies to
+# Channels a group (in and out) csrc/narrow_conv.cc computes.
+NARROW_WIDTHS = (4, 8)
 # 0: oneDNN's conv primitive for the kernel gradients pointwise_matmul_applies to
 POINTWISE_SWITCH = "RESNEXT_JAX_ONEDNN_MATMUL_DW"
 CACHE = "RESNEXT_JAX_CACHE"
@@ -361,7 +363,7 @@ if __name__ == "__main__":  # `python -m resnext_jax.ops.onednn`: build now, say
 
 def grouped_conv(x, kernel, strides, padding, groups):
     """oneDNN's conv and its two gradients as XLA FFI custom calls (or, where
-    `narrow_conv_applies`, csrc/narrow_conv.cc's for all but strided ones).
+    `narrow_conv_applies`, csrc/narrow_conv.cc's).
 
     float32 and bfloat16 run as they are (the result and the gradients in the operands' dtype,
     accumulated in float32); other dtypes are cast to float32 and back.
@@ -378,23 +380,26 @@ def grouped_conv(x, kernel, strides, padding, groups):
 def _grouped_conv(x, kernel, strides, padding, groups, narrow, matmul_dw):
     t = _compute_dtype(x, kernel)
     if narrow:
-        return narrow_conv(x.astype(t), kernel.astype(t)).astype(x.dtype)
+        return narrow_conv(x.astype(t), kernel.astype(t), strides).astype(x.dtype)
     y = forward(x.astype(t), kernel.astype(t), strides, padding, groups)
     return y.astype(x.dtype)
 
 
 def narrow_conv_applies(kernel_shape, strides, padding, groups, dtype) -> bool:
     """Whether `grouped_conv` runs its forward and both gradients on this project's own kernel
-    (csrc/narrow_conv.cc) instead of oneDNN's: a 3x3 conv, stride 1, padding 1, of 4 input and
-    4 output channels a group (stage 1 of ResNeXt 32x4d and 64x4d) and channels a multiple of
-    16, in float32, on a CPU with AVX-512. oneDNN 3.2's kernel for such groups took 2-3x its time
-    (docs/benchmarks.md, "A narrow-group conv kernel of our own").
+    (csrc/narrow_conv.cc) instead of oneDNN's: a 3x3 conv, stride 1 or 2, padding 1, of 4 or 8
+    input channels a group and as many outputs (stages 1 and 2 of ResNeXt 32x4d and 64x4d,
+    stage 1 of 32x8d), channels a multiple of 16, in float32, on a CPU with AVX-512. oneDNN 3.2's
+    kernels for such groups took up to 2-3x its time (docs/benchmarks.md, "A narrow-group conv
+    kernel of our own").
     `RESNEXT_JAX_NARROW_CONV=0`, read when a step is traced, keeps oneDNN's.
     """
     kh, kw, cin, out = kernel_shape
     return (
-        (kh, kw, cin, strides, padding) == (3, 3, 4, 1, 1)
-        and out == 4 * groups
+        (kh, kw, padding) == (3, 3, 1)
+        and strides in (1, 2)
+        and cin in NARROW_WIDTHS
+        and out == cin * groups
         and out % 16 == 0
         and np.dtype(dtype) == np.float32
         and os.environ.get(NARROW_SWITCH, "1") != "0"
@@ -439,23 +444,36 @@ def pointwise_kernel_grad(x, dy):
     return call(x, dy)
 
 
-def narrow_conv(x, kernel):
-    """csrc/narrow_conv.cc's conv of float32 NHWC `x` with a 3x3x4xC kernel (groups of 4
-    channels, stride 1, padding 1); `narrow_conv_applies` says where it runs."""
+def narrow_conv(x, kernel, stride=1):
+    """csrc/narrow_conv.cc's conv of float32 NHWC `x` with a 3x3xKxC kernel (groups of K = 4 or
+    8 channels, stride 1 or 2, padding 1); `narrow_conv_applies` says where it runs."""
     require()
     x, kernel = parallel.vary_like(x, kernel), parallel.vary_like(kernel, x)
-    call = jax.ffi.ffi_call(_name("narrow_conv"), jax.typeof(x), vmap_method="sequential")
-    return call(x, kernel)
+    n, h, w, c = x.shape
+    result = jax.typeof(x).update(shape=(n, (h - 1) // stride + 1, (w - 1) // stride + 1, c))
+    call = jax.ffi.ffi_call(_name("narrow_conv"), result, vmap_method="sequential")
+    return call(x, kernel, stride=np.int64(stride), transposed=False)
 
 
-def narrow_conv_kernel_grad(x, dy):
-    """The kernel gradient (3x3x4xC) of `narrow_conv` from its input `x` and output gradient
+def narrow_conv_input_grad(dy, kernel, x_shape, stride=1):
+    """The input gradient (`x_shape`) of `narrow_conv` from its output gradient `dy` and its
+    kernel, by csrc/narrow_conv.cc: the conv of `dy` with `narrow_input_grad_kernel(kernel)`,
+    its pixels two apart on the input's grid where the conv's stride is 2."""
+    require()
+    dy, kernel = parallel.vary_like(dy, kernel), parallel.vary_like(kernel, dy)
+    call = jax.ffi.ffi_call(_name("narrow_conv"), jax.typeof(dy).update(shape=tuple(x_shape)),
+                            vmap_method="sequential")  # fmt: skip
+    return call(dy, narrow_input_grad_kernel(kernel), stride=np.int64(stride), transposed=True)
+
+
+def narrow_conv_kernel_grad(x, dy, per, stride=1):
+    """The kernel gradient (3x3x`per`xC) of `narrow_conv` from its input `x` and output gradient
     `dy`, by csrc/narrow_conv.cc."""
     require()
     x, dy = parallel.vary_like(x, dy), parallel.vary_like(dy, x)
-    result = jax.typeof(x).update(shape=(3, 3, 4, x.shape[-1]))
+    result = jax.typeof(x).update(shape=(3, 3, per, x.shape[-1]))
     call = jax.ffi.ffi_call(_name("narrow_conv_kernel_grad"), result, vmap_method="sequential")
-    return call(x, dy)
+    return call(x, dy, stride=np.int64(stride))
 
 
 def narrow_input_grad_kernel(kernel):
@@ -483,8 +501,8 @@ def _grouped_conv_bwd(strides, padding, groups, narrow, matmul_dw, residuals, dy
     t = _compute_dtype(x, kernel)
     xt, kt, dyt = x.astype(t), kernel.astype(t), dy.astype(t)
     if narrow:
-        dx = narrow_conv(dyt, narrow_input_grad_kernel(kt))
-        dw = narrow_conv_kernel_grad(xt, dyt)
+        dx = narrow_conv_input_grad(dyt, kt, x.shape, strides)
+        dw = narrow_conv_kernel_grad(xt, dyt, kernel.shape[2], strides)
     else:
         dx = input_grad(dyt, kt, x.shape, strides, padding, groups)
         if matmul_dw:

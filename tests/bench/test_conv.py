@@ -35,7 +35,7 @@ def test_an_unknown_impl_is_a_usage_error(capsys):
 @pytest.mark.skipif(not onednn.available(), reason="oneDNN path not built here")
 def test_the_unfolded_row_runs_the_kernel_gradient_at_the_groups_own_width():
     """Where `onednn` folds (4 channels a group: 16 groups as 4), a row beside it does not."""
-    args = ("onednn", (2, 5, 5, 64), 3, 2, 16, 64, jnp.float32)  # stride 2: oneDNN's kernels
+    args = ("onednn", (2, 5, 5, 64), 3, 3, 16, 64, jnp.float32)  # stride 3: oneDNN's kernels
     fns, _ = bench.timed_functions(*args)
     unfolded, _ = bench.timed_functions(*args, fold=False)
 
@@ -45,7 +45,7 @@ def test_the_unfolded_row_runs_the_kernel_gradient_at_the_groups_own_width():
 
     assert kernel_grads(fns["dw"]) == ["f32[3,3,16,64]"]  # 4 groups of 16 inputs
     assert kernel_grads(unfolded["dw"]) == ["f32[3,3,4,64]"]
-    _, rows = bench.bench_shape("2x5x5x64:g16:s2", ["onednn"], True, 1, jnp.float32)
+    _, rows = bench.bench_shape("2x5x5x64:g16:s3", ["onednn"], True, 1, jnp.float32)
     assert [r.split(" | ")[1] for r in rows] == ["dense C=1", "onednn (auto)", bench.UNFOLDED]
     _, rows = bench.bench_shape("2x5x5x64:g8", ["onednn"], True, 1, jnp.float32)  # 8 a group
     assert bench.UNFOLDED not in " ".join(rows)

@@ -567,47 +567,56 @@ def test_the_narrow_conv_kernel_takes_only_its_shape(monkeypatch):
     if not (onednn.available() and onednn._library.ResnextNarrowConvSupported()):
         assert not applies((3, 3, 4, 128), 1, 1, 32, f32)  # no AVX-512 (or no build): oneDNN's
         return
-    assert applies((3, 3, 4, 128), 1, 1, 32, f32)  # ResNeXt-50 32x4d, stride 1
+    assert applies((3, 3, 4, 128), 1, 1, 32, f32)  # ResNeXt-50 32x4d, stage 1
+    assert applies((3, 3, 8, 256), 1, 1, 32, f32)  # stage 2
+    assert applies((3, 3, 8, 256), 2, 1, 32, f32)  # stage 2's strided first conv
     assert applies((3, 3, 4, 16), 1, 1, 4, f32)
-    assert not applies((3, 3, 4, 128), 2, 1, 32, f32)  # strided
+    assert not applies((3, 3, 16, 512), 1, 1, 32, f32)  # 16 channels a group (stage 3)
+    assert not applies((3, 3, 8, 256), 3, 1, 32, f32)  # stride 3
     assert not applies((3, 3, 4, 128), 1, 1, 32, jnp.bfloat16)
-    assert not applies((3, 3, 8, 256), 1, 1, 32, f32)  # 8 channels a group
     assert not applies((3, 3, 4, 8), 1, 1, 2, f32)  # not a multiple of 16 channels
-    assert not applies((3, 3, 4, 256), 1, 1, 32, f32)  # 8 outputs a group
+    assert not applies((3, 3, 4, 256), 1, 1, 32, f32)  # 8 outputs a group from 4 inputs
+    assert not applies((3, 3, 8, 256), 1, 0, 32, f32)  # no padding
     assert not applies((1, 1, 4, 128), 1, 0, 32, f32)
     monkeypatch.setenv(onednn.NARROW_SWITCH, "0")
     assert not applies((3, 3, 4, 128), 1, 1, 32, f32)
 
 
 @needs_onednn
+@pytest.mark.parametrize("per", [4, 8])
+@pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize(
     "shape", [(2, 9, 11, 128), (3, 7, 7, 64), (2, 6, 5, 16), (1, 4, 6, 32), (2, 1, 1, 16)]
-)  # widths 11, 7, 5, 6 and 1 take each of the kernel's partial blocks of pixels
-def test_the_narrow_conv_kernel_matches_xla(shape):
-    if not onednn.narrow_conv_applies((3, 3, 4, shape[-1]), 1, 1, shape[-1] // 4, jnp.float32):
+)  # widths 11, 7, 5, 6 and 1 (and at stride 2: 6, 4, 3, 3, 1) take each of the kernel's
+# partial blocks of pixels, odd and even sizes every missing neighbour of a strided conv
+def test_the_narrow_conv_kernel_matches_xla(shape, stride, per):
+    groups = shape[-1] // per
+    if not onednn.narrow_conv_applies((3, 3, per, shape[-1]), stride, 1, groups, jnp.float32):
         pytest.skip("this CPU has no AVX-512")
-    groups = shape[-1] // 4
     keys = jax.random.split(jax.random.key(3), 3)
     x = jax.random.normal(keys[0], shape)
-    kernel = jax.random.normal(keys[1], (3, 3, 4, shape[-1]))
-    dy = jax.random.normal(keys[2], shape)
+    kernel = jax.random.normal(keys[1], (3, 3, per, shape[-1]))
 
     def xla(x, kernel):
         return jax.lax.conv_general_dilated(
-            x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=groups, precision=jax.lax.Precision.HIGHEST)  # fmt: skip
+            x, kernel, (stride, stride), ((1, 1), (1, 1)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
+            precision=jax.lax.Precision.HIGHEST)  # fmt: skip
 
     def ours(x, kernel):
-        return onednn.grouped_conv(x, kernel, 1, 1, groups)
+        return onednn.grouped_conv(x, kernel, stride, 1, groups)
+
+    dy = jax.random.normal(keys[2], jax.eval_shape(xla, x, kernel).shape)
 
     def outputs(conv):
         y, vjp = jax.vjp(conv, x, kernel)
         return (y, *vjp(dy))
 
     lowered = jax.jit(lambda: outputs(ours)).lower().as_text()
-    assert "narrow_conv_kernel_grad" in lowered and "conv_forward" not in lowered
+    assert "narrow_conv_kernel_grad" in lowered and "resnext_onednn_conv" not in lowered
     for name, got, want in zip(("y", "dx", "dkernel"), jax.jit(lambda: outputs(ours))(),
                                jax.jit(lambda: outputs(xla))(), strict=True):  # fmt: skip
+        assert got.shape == want.shape, name
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()),
                                    err_msg=name)  # fmt: skip
 
@@ -615,8 +624,17 @@ def test_the_narrow_conv_kernel_matches_xla(shape):
 @needs_onednn
 def test_the_narrow_conv_kernel_checks_its_shapes():
     x = jnp.ones((1, 4, 4, 8))
-    with pytest.raises(Exception, match="3x3x4xC, C \\(a multiple of 16\\)"):
+    with pytest.raises(Exception, match="3x3xKxC, K 4 or 8, C \\(a multiple of 16\\)"):
         jax.block_until_ready(onednn.narrow_conv(x, jnp.ones((3, 3, 4, 8))))
+    x = jnp.ones((1, 4, 4, 16))
+    with pytest.raises(Exception, match="3x3xKxC"):
+        jax.block_until_ready(onednn.narrow_conv(x, jnp.ones((3, 3, 2, 16))))
+    with pytest.raises(Exception, match="stride 1 or 2"):
+        jax.block_until_ready(onednn.narrow_conv(x, jnp.ones((3, 3, 4, 16)), stride=3))
+    with pytest.raises(Exception, match="output shape does not match the conv"):
+        dy = jnp.ones((1, 3, 2, 16))  # a stride-2 conv of 4x4 gives 2x2
+        jax.block_until_ready(onednn.narrow_conv_input_grad(dy, jnp.ones((3, 3, 4, 16)),
+                                                            x.shape, stride=2))  # fmt: skip
 
 
 def test_the_pointwise_matmul_takes_only_its_shape(monkeypatch):

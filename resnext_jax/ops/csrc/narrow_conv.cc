@@ -1,14 +1,15 @@
-// A 3x3, stride-1, padding-1 grouped conv of 4 input and 4 output channels a group (stage 1 of
-// ResNeXt 32x4d), float32 NHWC, written for AVX-512: oneDNN 3.2's kernel for such narrow groups
-// runs far below the CPU's speed (docs/benchmarks.md, "A narrow-group conv kernel of our own").
-// One XLA FFI handler; resnext_jax/ops/onednn.py builds this file beside the oneDNN ones and
-// calls it for the forward and, with the kernel flipped and transposed within groups, for the
-// input gradient, where `narrow_conv_applies` says so.
+// A 3x3, padding-1 grouped conv of stride 1 or 2 and K = 4 or 8 input and output channels a
+// group (stages 1 and 2 of ResNeXt 32x4d), float32 NHWC, written for AVX-512: oneDNN 3.2's
+// kernels for such narrow groups run far below the CPU's speed (docs/benchmarks.md, "A
+// narrow-group conv kernel of our own"). Two XLA FFI handlers; resnext_jax/ops/onednn.py builds
+// this file beside the oneDNN ones and calls it for the forward, the input gradient (the conv's
+// transpose, with the kernel flipped and transposed within groups) and the kernel gradient,
+// where `narrow_conv_applies` says so.
 //
-// Output channel o of group g is sum over taps t and inputs i of x[t][4g+i] * w[t][i][4g+o].
-// One 16-float vector holds 4 groups' channels. Multiplying the input vector by w_r, whose
-// lane 4g+i holds w[t][i][4g+(i+r)%4], puts in lane 4g+i a term of output 4g+(i+r)%4; so four
-// accumulators (r = 0..3) take every tap's products with no shuffle, and the output is their
+// Output channel o of group g is sum over taps t and inputs i of x[t][Kg+i] * w[t][i][Kg+o].
+// One 16-float vector holds 16/K groups' channels. Multiplying the input vector by w_r, whose
+// lane Kg+i holds w[t][i][Kg+(i+r)%K], puts in lane Kg+i a term of output Kg+(i+r)%K; so K
+// accumulators (r = 0..K-1) take every tap's products with no shuffle, and the output is their
 // sum after rotating accumulator r by r lanes within each group, once per output vector.
 
 #include <immintrin.h>
@@ -28,106 +29,182 @@ namespace ffi = xla::ffi;
 namespace resnext_narrow {
 namespace {
 
-constexpr int kPer = 4;     // channels a group, in and out
 constexpr int kLanes = 16;  // floats a vector
 
-// w [3][3][4][c] (flax's layout: tap, input in group, output) to [9][4 rotations][c].
+// w [3][3][K][c] (flax's layout: tap, input in group, output) to [9][K rotations][c].
+template <int K>
 void Pack(const float* w, int64_t c, float* packed) {
   for (int t = 0; t < 9; ++t)
-    for (int r = 0; r < kPer; ++r)
+    for (int r = 0; r < K; ++r)
       for (int64_t o = 0; o < c; ++o) {
-        const int64_t g = o / kPer, i = o % kPer;
-        packed[(t * kPer + r) * c + o] = w[(t * kPer + i) * c + g * kPer + (i + r) % kPer];
+        const int64_t g = o / K, i = o % K;
+        packed[(t * K + r) * c + o] = w[(t * K + i) * c + g * K + (i + r) % K];
       }
 }
 
-// Lane permutations that rotate each group of 4 lanes by r = 0..3: lane 4g+k of rotation r
-// reads lane 4g+(k+sign*r)%4.
+// Lane permutations that rotate each group of K lanes by r = 0..K-1: lane Kg+k of rotation r
+// reads lane Kg+(k+sign*r)%K.
+template <int K>
 __attribute__((target("avx512f"))) void Rotations(int sign, __m512i* rotate) {
-  for (int r = 0; r < kPer; ++r) {
+  for (int r = 0; r < K; ++r) {
     alignas(64) int32_t lanes[kLanes];
-    for (int l = 0; l < kLanes; ++l)
-      lanes[l] = l / kPer * kPer + ((l % kPer + sign * r) & (kPer - 1));
+    for (int l = 0; l < kLanes; ++l) lanes[l] = l / K * K + ((l % K + sign * r) & (K - 1));
     rotate[r] = _mm512_load_si512(lanes);
   }
 }
 
-// P neighbouring output pixels of row (n, oh) from column ow, channels [16j, 16j + 16).
-template <int P>
+// Where a conv reads its input: a conv of stride `stride` (D = 1), or the transpose of a
+// stride-2 conv (D = 2: the input's pixels lie two apart on the output's grid, the input
+// gradient of a stride-2 conv from its output gradient and the flipped kernel). Tap k of
+// output row or column o reads input o * stride + k - 1 (D = 1) or (o + k - 1) / 2 where
+// that divides (D = 2); -1 where there is none.
+template <int D>
+inline int64_t Source(int64_t o, int k, int64_t stride, int64_t size) {
+  int64_t i = o * stride + k - 1;
+  if constexpr (D == 2) {
+    if (i & 1) return -1;
+    i /= 2;
+  }
+  return i >= 0 && i < size ? i : -1;
+}
+
+// P neighbouring output pixels of row (n, oh) from column ow, channels [16j, 16j + 16); the
+// input is h x w, the output ho x wo. With D = 2, ow is even, so whether tap kw of pixel p
+// reads an input pixel is known when compiling: the skipped taps cost nothing.
+template <int K, int P, int D>
 __attribute__((target("avx512f"))) inline void Block(const float* x, const float* packed,
-                                                      float* y, int64_t h, int64_t w, int64_t c,
+                                                      float* y, int64_t h, int64_t w, int64_t ho,
+                                                      int64_t wo, int64_t c, int64_t stride,
                                                       int64_t n, int64_t oh, int64_t ow,
                                                       int64_t j, const __m512i* rotate) {
   // Every loop here unrolled, so that the accumulators stay in registers (GCC -O2 does not).
-  __m512 acc[P][kPer];
+  __m512 acc[P][K];
 #pragma GCC unroll 4
   for (int p = 0; p < P; ++p)
-#pragma GCC unroll 4
-    for (int r = 0; r < kPer; ++r) acc[p][r] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int r = 0; r < K; ++r) acc[p][r] = _mm512_setzero_ps();
 #pragma GCC unroll 3
   for (int kh = 0; kh < 3; ++kh) {
-    const int64_t ih = oh + kh - 1;
-    if (ih < 0 || ih >= h) continue;
+    const int64_t ih = Source<D>(oh, kh, stride, h);
+    if (ih < 0) continue;
     const float* row = x + (n * h + ih) * w * c + j * kLanes;
 #pragma GCC unroll 3
     for (int kw = 0; kw < 3; ++kw) {
-      const float* wt = packed + (kh * 3 + kw) * kPer * c + j * kLanes;
-      const __m512 w0 = _mm512_loadu_ps(wt), w1 = _mm512_loadu_ps(wt + c),
-                   w2 = _mm512_loadu_ps(wt + 2 * c), w3 = _mm512_loadu_ps(wt + 3 * c);
+      const float* wt = packed + (kh * 3 + kw) * K * c + j * kLanes;
+      __m512 wr[K];
+#pragma GCC unroll 8
+      for (int r = 0; r < K; ++r) wr[r] = _mm512_loadu_ps(wt + r * c);
 #pragma GCC unroll 4
       for (int p = 0; p < P; ++p) {
-        const int64_t iw = ow + p + kw - 1;
-        if (iw < 0 || iw >= w) continue;
+        if (D == 2 && ((p + kw + 1) & 1)) continue;  // ow even: column ow + p + kw - 1 is odd
+        const int64_t iw = Source<D>(ow + p, kw, stride, w);
+        if (iw < 0) continue;
         const __m512 v = _mm512_loadu_ps(row + iw * c);
-        acc[p][0] = _mm512_fmadd_ps(v, w0, acc[p][0]);
-        acc[p][1] = _mm512_fmadd_ps(v, w1, acc[p][1]);
-        acc[p][2] = _mm512_fmadd_ps(v, w2, acc[p][2]);
-        acc[p][3] = _mm512_fmadd_ps(v, w3, acc[p][3]);
+#pragma GCC unroll 8
+        for (int r = 0; r < K; ++r) acc[p][r] = _mm512_fmadd_ps(v, wr[r], acc[p][r]);
       }
     }
   }
 #pragma GCC unroll 4
   for (int p = 0; p < P; ++p) {
     __m512 out = acc[p][0];
-#pragma GCC unroll 4
-    for (int r = 1; r < kPer; ++r)
+#pragma GCC unroll 8
+    for (int r = 1; r < K; ++r)
       out = _mm512_add_ps(out, _mm512_permutexvar_ps(rotate[r], acc[p][r]));
-    _mm512_storeu_ps(y + ((n * h + oh) * w + ow + p) * c + j * kLanes, out);
+    _mm512_storeu_ps(y + ((n * ho + oh) * wo + ow + p) * c + j * kLanes, out);
   }
 }
 
+// Columns [ow, wo) of row (n, oh), fewer than P of them, in one Block.
+template <int K, int P, int D>
+__attribute__((target("avx512f"))) inline void Tail(const float* x, const float* packed, float* y,
+                                                     int64_t h, int64_t w, int64_t ho, int64_t wo,
+                                                     int64_t c, int64_t stride, int64_t n,
+                                                     int64_t oh, int64_t ow, int64_t j,
+                                                     const __m512i* rotate) {
+  if constexpr (P > 1) {
+    if (wo - ow == P - 1)
+      return Block<K, P - 1, D>(x, packed, y, h, w, ho, wo, c, stride, n, oh, ow, j, rotate);
+    return Tail<K, P - 1, D>(x, packed, y, h, w, ho, wo, c, stride, n, oh, ow, j, rotate);
+  }
+}
+
+// Output pixels a Block: as many as keep its K accumulators each, the input and the weights of
+// a tap within AVX-512's 32 registers; even for D = 2, whose Blocks must start at even columns.
+template <int K, int D>
+constexpr int kPixels = K == 4 ? 4 : (D == 2 ? 2 : 3);
+
+// The conv of x (n x h x w x c) into y (n x ho x wo x c) with the packed kernel.
+template <int K, int D>
 __attribute__((target("avx512f"))) void Conv(const float* x, const float* packed, float* y,
-                                             int64_t n, int64_t h, int64_t w, int64_t c) {
-  __m512i rotate[kPer];  // lane 4g+o of rotation r reads lane 4g+(o-r)%4
-  Rotations(-1, rotate);
-  const int64_t chunks = c / kLanes, full = w / 4 * 4;
+                                             int64_t n, int64_t h, int64_t w, int64_t ho,
+                                             int64_t wo, int64_t c, int64_t stride) {
+  constexpr int P = kPixels<K, D>;
+  __m512i rotate[K];  // lane Kg+o of rotation r reads lane Kg+(o-r)%K
+  Rotations<K>(-1, rotate);
+  const int64_t chunks = c / kLanes, full = wo / P * P;
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t b = 0; b < n; ++b)
-    for (int64_t oh = 0; oh < h; ++oh) {
-      for (int64_t ow = 0; ow < full; ow += 4)
-        for (int64_t j = 0; j < chunks; ++j) Block<4>(x, packed, y, h, w, c, b, oh, ow, j, rotate);
-      for (int64_t j = 0; j < chunks; ++j) switch (w - full) {
-          case 3: Block<3>(x, packed, y, h, w, c, b, oh, full, j, rotate); break;
-          case 2: Block<2>(x, packed, y, h, w, c, b, oh, full, j, rotate); break;
-          case 1: Block<1>(x, packed, y, h, w, c, b, oh, full, j, rotate); break;
-          default: break;
-        }
+    for (int64_t oh = 0; oh < ho; ++oh) {
+      for (int64_t ow = 0; ow < full; ow += P)
+        for (int64_t j = 0; j < chunks; ++j)
+          Block<K, P, D>(x, packed, y, h, w, ho, wo, c, stride, b, oh, ow, j, rotate);
+      if (full < wo)
+        for (int64_t j = 0; j < chunks; ++j)
+          Tail<K, P, D>(x, packed, y, h, w, ho, wo, c, stride, b, oh, full, j, rotate);
     }
 }
 
-// The kernel gradient, [3][3][4][c], of the conv above from its input x and output gradient dy:
-// dw[t][i][4g+o] is the sum over pixels of x[pixel + t][4g+i] * dy[pixel][4g+o]. Multiplying
-// the input vector by dy rotated by r lanes within groups (lane 4g+i holding dy[4g+(i+r)%4])
-// accumulates, in lane 4g+i, the weight Pack puts there for rotation r; so the sums land in
-// Pack's layout, three rotations of dy per pixel, and are unpacked at the end. Each thread
-// takes whole output rows (their activations stay in cache while it goes over the channels
-// and kernel rows) and sums into its own copy of the gradient; the copies are added last.
+// One output pixel's terms of the kernel gradient below: acc[kw][r] += x[col + kw - 1] * dy[ow]
+// rotated by r, for the neighbours of input column `col` that exist (`left`: col - 1, `right`:
+// col + 1). One rotation of dy at a time, so that the 3K accumulators, three inputs and one
+// rotation fit AVX-512's 32 registers for K = 8 too.
+template <int K, bool left, bool right>
+__attribute__((target("avx512f"))) inline void GradPixel(const float* x, const float* dy,
+                                                          int64_t c, int64_t col, int64_t ow,
+                                                          const __m512i* rotate,
+                                                          __m512 (&acc)[3][K]) {
+  const __m512 d0 = _mm512_loadu_ps(dy + ow * c);
+  const __m512 v0 = left ? _mm512_loadu_ps(x + (col - 1) * c) : d0;
+  const __m512 v1 = _mm512_loadu_ps(x + col * c);
+  const __m512 v2 = right ? _mm512_loadu_ps(x + (col + 1) * c) : d0;
+#pragma GCC unroll 8
+  for (int r = 0; r < K; ++r) {
+    const __m512 d = r ? _mm512_permutexvar_ps(rotate[r], d0) : d0;
+    if (left) acc[0][r] = _mm512_fmadd_ps(v0, d, acc[0][r]);
+    acc[1][r] = _mm512_fmadd_ps(v1, d, acc[1][r]);
+    if (right) acc[2][r] = _mm512_fmadd_ps(v2, d, acc[2][r]);
+  }
+}
+
+// GradPixel with its neighbours known only when running.
+template <int K>
+__attribute__((target("avx512f"))) inline void EdgePixel(const float* x, const float* dy,
+                                                          int64_t c, int64_t w, int64_t col,
+                                                          int64_t ow, const __m512i* rotate,
+                                                          __m512 (&acc)[3][K]) {
+  const bool left = col > 0, right = col + 1 < w;
+  if (left && right) return GradPixel<K, true, true>(x, dy, c, col, ow, rotate, acc);
+  if (left) return GradPixel<K, true, false>(x, dy, c, col, ow, rotate, acc);
+  if (right) return GradPixel<K, false, true>(x, dy, c, col, ow, rotate, acc);
+  GradPixel<K, false, false>(x, dy, c, col, ow, rotate, acc);
+}
+
+// The kernel gradient, [3][3][K][c], of the conv above (D = 1) from its input x (n x h x w x c)
+// and output gradient dy (n x ho x wo x c): dw[t][i][Kg+o] is the sum over output pixels of
+// x[pixel * stride + t][Kg+i] * dy[pixel][Kg+o]. Multiplying the input vector by dy rotated by
+// r lanes within groups (lane Kg+i holding dy[Kg+(i+r)%K]) accumulates, in lane Kg+i, the
+// weight Pack puts there for rotation r; so the sums land in Pack's layout, K-1 rotations of dy
+// per pixel, and are unpacked at the end. Each thread takes whole output rows (their
+// activations stay in cache while it goes over the channels and kernel rows) and sums into its
+// own copy of the gradient; the copies are added last.
+template <int K>
 __attribute__((target("avx512f"))) void KernelGrad(const float* x, const float* dy, float* dw,
-                                                   int64_t n, int64_t h, int64_t w,
-                                                   int64_t c) {
-  __m512i rotate[kPer];  // lane 4g+i of rotation r reads lane 4g+(i+r)%4
-  Rotations(1, rotate);
-  const int64_t size = 9 * kPer * c, chunks = c / kLanes;
+                                                   int64_t n, int64_t h, int64_t w, int64_t ho,
+                                                   int64_t wo, int64_t c, int64_t stride) {
+  __m512i rotate[K];  // lane Kg+i of rotation r reads lane Kg+(i+r)%K
+  Rotations<K>(1, rotate);
+  const int64_t size = 9 * K * c, chunks = c / kLanes;
   std::vector<float> partial(omp_get_max_threads() * size, 0.f);
   int threads = 1;
 #pragma omp parallel
@@ -136,38 +213,31 @@ __attribute__((target("avx512f"))) void KernelGrad(const float* x, const float* 
     threads = omp_get_num_threads();
     float* mine = partial.data() + omp_get_thread_num() * size;
 #pragma omp for schedule(static)
-    for (int64_t row = 0; row < n * h; ++row) {
-      const int64_t oh = row % h;
-      const float* dyrow = dy + row * w * c;
+    for (int64_t row = 0; row < n * ho; ++row) {
+      const int64_t b = row / ho, oh = row % ho;
+      const float* dyrow = dy + row * wo * c;
       for (int kh = 0; kh < 3; ++kh) {
-        const int64_t ih = oh + kh - 1;
-        if (ih < 0 || ih >= h) continue;
-        const float* xrow = x + (row + kh - 1) * w * c;
+        const int64_t ih = Source<1>(oh, kh, stride, h);
+        if (ih < 0) continue;
+        const float* xrow = x + (b * h + ih) * w * c;
         for (int64_t j = 0; j < chunks; ++j) {
-          float* sums = mine + kh * 3 * kPer * c + j * kLanes;  // [kw][r] at stride c
-          __m512 acc[3][kPer];
+          float* sums = mine + kh * 3 * K * c + j * kLanes;  // [kw][r] at stride c
+          __m512 acc[3][K];
 #pragma GCC unroll 3
           for (int kw = 0; kw < 3; ++kw)
-#pragma GCC unroll 4
-            for (int r = 0; r < kPer; ++r) acc[kw][r] = _mm512_loadu_ps(sums + (kw * kPer + r) * c);
-          for (int64_t ow = 0; ow < w; ++ow) {
-            __m512 d[kPer];
-            d[0] = _mm512_loadu_ps(dyrow + ow * c + j * kLanes);
-#pragma GCC unroll 4
-            for (int r = 1; r < kPer; ++r) d[r] = _mm512_permutexvar_ps(rotate[r], d[0]);
-#pragma GCC unroll 3
-            for (int kw = 0; kw < 3; ++kw) {
-              const int64_t iw = ow + kw - 1;
-              if (iw < 0 || iw >= w) continue;
-              const __m512 v = _mm512_loadu_ps(xrow + iw * c + j * kLanes);
-#pragma GCC unroll 4
-              for (int r = 0; r < kPer; ++r) acc[kw][r] = _mm512_fmadd_ps(v, d[r], acc[kw][r]);
-            }
-          }
+#pragma GCC unroll 8
+            for (int r = 0; r < K; ++r) acc[kw][r] = _mm512_loadu_ps(sums + (kw * K + r) * c);
+          const float* xs = xrow + j * kLanes;
+          const float* ds = dyrow + j * kLanes;
+          // Only the first and last output columns can lack a neighbour.
+          EdgePixel<K>(xs, ds, c, w, 0, 0, rotate, acc);
+          for (int64_t ow = 1; ow < wo - 1; ++ow)
+            GradPixel<K, true, true>(xs, ds, c, ow * stride, ow, rotate, acc);
+          if (wo > 1) EdgePixel<K>(xs, ds, c, w, (wo - 1) * stride, wo - 1, rotate, acc);
 #pragma GCC unroll 3
           for (int kw = 0; kw < 3; ++kw)
-#pragma GCC unroll 4
-            for (int r = 0; r < kPer; ++r) _mm512_storeu_ps(sums + (kw * kPer + r) * c, acc[kw][r]);
+#pragma GCC unroll 8
+            for (int r = 0; r < K; ++r) _mm512_storeu_ps(sums + (kw * K + r) * c, acc[kw][r]);
         }
       }
     }
@@ -175,49 +245,74 @@ __attribute__((target("avx512f"))) void KernelGrad(const float* x, const float* 
   for (int k = 1; k < threads; ++k)
     for (int64_t e = 0; e < size; ++e) partial[e] += partial[k * size + e];
   for (int t = 0; t < 9; ++t)  // Pack's inverse
-    for (int i = 0; i < kPer; ++i)
+    for (int i = 0; i < K; ++i)
       for (int64_t o = 0; o < c; ++o) {
-        const int64_t g = o / kPer, r = (o % kPer - i + kPer) % kPer;
-        dw[(t * kPer + i) * c + o] = partial[(t * kPer + r) * c + g * kPer + i];
+        const int64_t g = o / K, r = (o % K - i + K) % K;
+        dw[(t * K + i) * c + o] = partial[(t * K + r) * c + g * K + i];
       }
 }
 
-// Checks a call's shapes: NHWC `x`, `other` (the output, or the output gradient: `what`) shaped
-// like it, and a 3x3x4xC kernel (or kernel gradient) `kd`; and that the CPU has AVX-512.
-ffi::Error Check(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> other,
-                 ffi::Span<const int64_t> kd, const char* what) {
-  if (xd.size() != 4 || other.size() != 4 || kd.size() != 4)
+// The output size of a 3x3, padding-1 conv of stride `stride` over `size` pixels.
+int64_t Out(int64_t size, int64_t stride) { return (size - 1) / stride + 1; }
+
+// Checks a call's shapes: NHWC `x`, `y` (its output: the conv's, or the input gradient's with
+// `transposed`; or its output gradient: `what` names it), and a 3x3xKxC kernel (or kernel
+// gradient) `kd`, K 4 or 8; and that the CPU has AVX-512.
+ffi::Error Check(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> yd,
+                 ffi::Span<const int64_t> kd, int64_t stride, bool transposed, const char* what) {
+  if (xd.size() != 4 || yd.size() != 4 || kd.size() != 4)
     return ffi::Error::InvalidArgument("narrow conv: NHWC activations and an HWIO kernel");
   const int64_t c = xd[3];
-  if (kd[0] != 3 || kd[1] != 3 || kd[2] != kPer || kd[3] != c || c % kLanes)
+  if (kd[0] != 3 || kd[1] != 3 || (kd[2] != 4 && kd[2] != 8) || kd[3] != c || c % kLanes)
     return ffi::Error::InvalidArgument(
-        "narrow conv: the kernel must be 3x3x4xC, C (a multiple of 16) the input's channels");
-  for (int d = 0; d < 4; ++d)
-    if (other[d] != xd[d])
-      return ffi::Error::InvalidArgument(std::string("narrow conv: ") + what + " shape differs");
+        "narrow conv: the kernel must be 3x3xKxC, K 4 or 8, C (a multiple of 16) the input's "
+        "channels");
+  if (stride != 1 && stride != 2)
+    return ffi::Error::InvalidArgument("narrow conv: stride 1 or 2");
+  const auto small = transposed ? xd : yd, large = transposed ? yd : xd;
+  if (small[0] != large[0] || small[1] != Out(large[1], stride) ||
+      small[2] != Out(large[2], stride) || small[3] != large[3])
+    return ffi::Error::InvalidArgument(std::string("narrow conv: ") + what +
+                                       " shape does not match the conv");
   if (!__builtin_cpu_supports("avx512f"))
     return ffi::Error::Internal("narrow conv: this CPU has no AVX-512");
   return ffi::Error::Success();
 }
 
+template <int K, int D>
+void Forward(const float* x, const float* kernel, float* y, int64_t n, int64_t h, int64_t w,
+             int64_t ho, int64_t wo, int64_t c, int64_t stride) {
+  std::vector<float> packed(9 * K * c);
+  Pack<K>(kernel, c, packed.data());
+  Conv<K, D>(x, packed.data(), y, n, h, w, ho, wo, c, stride);
+}
+
+// The conv of x with the kernel into y, of stride 1 or 2; or, `transposed`, the transpose of
+// that conv (x the output gradient of a stride-`stride` conv, y its input gradient, the kernel
+// flipped and transposed within groups as for a stride-1 input gradient).
 ffi::Error NarrowConv(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
-                      ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions();
-  if (auto error = Check(xd, y->dimensions(), kernel.dimensions(), "output"); error.failure())
+                      ffi::ResultBuffer<ffi::F32> y, int64_t stride, bool transposed) {
+  const auto xd = x.dimensions(), yd = y->dimensions();
+  if (auto error = Check(xd, yd, kernel.dimensions(), stride, transposed, "output");
+      error.failure())
     return error;
-  const int64_t c = xd[3];
-  std::vector<float> packed(9 * kPer * c);
-  Pack(kernel.typed_data(), c, packed.data());
-  Conv(x.typed_data(), packed.data(), y->typed_data(), xd[0], xd[1], xd[2], c);
+  const bool k4 = kernel.dimensions()[2] == 4;
+  auto forward = transposed && stride == 2 ? (k4 ? Forward<4, 2> : Forward<8, 2>)
+                                           : (k4 ? Forward<4, 1> : Forward<8, 1>);
+  // The transpose of a stride-1 conv is a stride-1 conv.
+  forward(x.typed_data(), kernel.typed_data(), y->typed_data(), xd[0], xd[1], xd[2], yd[1],
+          yd[2], xd[3], transposed ? 1 : stride);
   return ffi::Error::Success();
 }
 
 ffi::Error NarrowConvKernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                                ffi::ResultBuffer<ffi::F32> dw) {
-  const auto xd = x.dimensions();
-  if (auto error = Check(xd, dy.dimensions(), dw->dimensions(), "gradient"); error.failure())
+                                ffi::ResultBuffer<ffi::F32> dw, int64_t stride) {
+  const auto xd = x.dimensions(), yd = dy.dimensions();
+  if (auto error = Check(xd, yd, dw->dimensions(), stride, false, "gradient"); error.failure())
     return error;
-  KernelGrad(x.typed_data(), dy.typed_data(), dw->typed_data(), xd[0], xd[1], xd[2], xd[3]);
+  auto grad = dw->dimensions()[2] == 4 ? KernelGrad<4> : KernelGrad<8>;
+  grad(x.typed_data(), dy.typed_data(), dw->typed_data(), xd[0], xd[1], xd[2], yd[1], yd[2],
+       xd[3], stride);
   return ffi::Error::Success();
 }
 
@@ -229,14 +324,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnextNarrowConv, resnext_narrow::NarrowConv,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<bool>("transposed"));
 
 EXPORT XLA_FFI_Error* ResnextNarrowConvKernelGrad(XLA_FFI_CallFrame*);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnextNarrowConvKernelGrad, resnext_narrow::NarrowConvKernelGrad,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride"));
 
 // For the Python side: whether this CPU runs the kernel (AVX-512).
 EXPORT int ResnextNarrowConvSupported() { return __builtin_cpu_supports("avx512f") ? 1 : 0; }

@@ -390,8 +390,9 @@ def narrow_conv_applies(kernel_shape, strides, padding, groups, dtype) -> bool:
     (csrc/narrow_conv.cc) instead of oneDNN's: a 3x3 conv, stride 1 or 2, padding 1, of 4 or 8
     input channels a group and as many outputs (stages 1 and 2 of ResNeXt 32x4d and 64x4d,
     stage 1 of 32x8d), channels a multiple of 16, in float32, on a CPU with AVX-512. oneDNN 3.2's
-    kernels for such groups took up to 2-3x its time (docs/benchmarks.md, "A narrow-group conv
-    kernel of our own").
+    kernels for such groups took 1.2-2.1x its time per conv at ResNeXt-50's shapes
+    (docs/benchmarks.md, "A narrow-group conv kernel of our own", "8-channel groups and
+    stride 2").
     `RESNEXT_JAX_NARROW_CONV=0`, read when a step is traced, keeps oneDNN's.
     """
     kh, kw, cin, out = kernel_shape

@@ -450,8 +450,7 @@ def narrow_conv(x, kernel, stride=1):
     8 channels, stride 1 or 2, padding 1); `narrow_conv_applies` says where it runs."""
     require()
     x, kernel = parallel.vary_like(x, kernel), parallel.vary_like(kernel, x)
-    n, h, w, c = x.shape
-    result = jax.typeof(x).update(shape=(n, (h - 1) // stride + 1, (w - 1) // stride + 1, c))
+    result = jax.typeof(x).update(shape=output_shape(x.shape, kernel.shape, stride, 1))
     call = jax.ffi.ffi_call(_name("narrow_conv"), result, vmap_method="sequential")
     return call(x, kernel, stride=np.int64(stride), transposed=False)
 

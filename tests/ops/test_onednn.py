@@ -588,7 +588,7 @@ def test_the_narrow_conv_kernel_takes_only_its_shape(monkeypatch):
 @pytest.mark.parametrize(
     "shape", [(2, 9, 11, 128), (3, 7, 7, 64), (2, 6, 5, 16), (1, 4, 6, 32), (2, 1, 1, 16)]
 )  # widths 11, 7, 5, 6 and 1 (and at stride 2: 6, 4, 3, 3, 1) take each of the kernel's
-# partial blocks of pixels, odd and even sizes every missing neighbour of a strided conv
+# partial blocks of pixels; odd and even sizes give a strided conv every missing neighbour
 def test_the_narrow_conv_kernel_matches_xla(shape, stride, per):
     groups = shape[-1] // per
     if not onednn.narrow_conv_applies((3, 3, per, shape[-1]), stride, 1, groups, jnp.float32):

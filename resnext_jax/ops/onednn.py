@@ -9,7 +9,7 @@ gradient as one matmul (`pointwise_matmul_applies`); `onednn_norm.cc` the
 training-mode batch norm over groups of images, optionally followed by a ReLU or by a residual
 add and a ReLU, and its backward; `onednn_pool.cc` max pooling and its backward. Beside them,
 `narrow_conv.cc` is this project's own AVX-512 kernel for the 3x3 convs, stride 1 or 2, of
-4- and 8-channel groups, where oneDNN's is slow (`narrow_conv_applies`).
+4- to 32-channel groups, where oneDNN's is slow (`narrow_conv_passes`).
 
 The wrapper is compiled on first use with the system C++ compiler (`$CXX`, a command line such
 as `ccache g++`, else `c++`) against the oneDNN headers and library that requirements.txt
@@ -73,8 +73,10 @@ FOLD_SWITCH = "RESNEXT_JAX_ONEDNN_FOLD"  # 0: no folded kernel gradients (kernel
 # 0: batch_norm's ReLU gradient as a separate XLA pass instead of inside oneDNN's backward
 RELU_GRAD_SWITCH = "RESNEXT_JAX_ONEDNN_NORM_RELU"
 NARROW_SWITCH = "RESNEXT_JAX_NARROW_CONV"  # 0: oneDNN for the convs narrow_conv_applies to
-# Channels a group (in and out) csrc/narrow_conv.cc computes.
-NARROW_WIDTHS = (4, 8)
+# Channels a group (in and out) csrc/narrow_conv.cc computes the forward and input gradient
+# of, and of those the kernel gradient.
+NARROW_WIDTHS = (4, 8, 16, 32)
+NARROW_KERNEL_GRAD_WIDTHS = (4, 8)
 # 0: oneDNN's conv primitive for the kernel gradients pointwise_matmul_applies to
 POINTWISE_SWITCH = "RESNEXT_JAX_ONEDNN_MATMUL_DW"
 CACHE = "RESNEXT_JAX_CACHE"
@@ -363,7 +365,7 @@ if __name__ == "__main__":  # `python -m resnext_jax.ops.onednn`: build now, say
 
 def grouped_conv(x, kernel, strides, padding, groups):
     """oneDNN's conv and its two gradients as XLA FFI custom calls (or, where
-    `narrow_conv_applies`, csrc/narrow_conv.cc's).
+    `narrow_conv_passes` says, csrc/narrow_conv.cc's).
 
     float32 and bfloat16 run as they are (the result and the gradients in the operands' dtype,
     accumulated in float32); other dtypes are cast to float32 and back.
@@ -371,7 +373,7 @@ def grouped_conv(x, kernel, strides, padding, groups):
     t = _compute_dtype(x, kernel)
     # Decided here, outside the differentiable function, whose trace JAX caches: the switches
     # are read on every call.
-    narrow = narrow_conv_applies(kernel.shape, strides, padding, groups, t)
+    narrow = narrow_conv_passes(kernel.shape, strides, padding, groups, t)
     matmul_dw = pointwise_matmul_applies(x.shape, kernel.shape, strides, padding, groups)
     return _grouped_conv(x, kernel, strides, padding, groups, narrow, matmul_dw)
 
@@ -379,20 +381,21 @@ def grouped_conv(x, kernel, strides, padding, groups):
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
 def _grouped_conv(x, kernel, strides, padding, groups, narrow, matmul_dw):
     t = _compute_dtype(x, kernel)
-    if narrow:
+    if narrow[0]:
         return narrow_conv(x.astype(t), kernel.astype(t), strides).astype(x.dtype)
     y = forward(x.astype(t), kernel.astype(t), strides, padding, groups)
     return y.astype(x.dtype)
 
 
 def narrow_conv_applies(kernel_shape, strides, padding, groups, dtype) -> bool:
-    """Whether `grouped_conv` runs its forward and both gradients on this project's own kernel
-    (csrc/narrow_conv.cc) instead of oneDNN's: a 3x3 conv, stride 1 or 2, padding 1, of 4 or 8
-    input channels a group and as many outputs (stages 1 and 2 of ResNeXt 32x4d and 64x4d,
-    stage 1 of 32x8d), channels a multiple of 16, in float32, on a CPU with AVX-512. oneDNN 3.2's
-    kernels for such groups took 1.2-2.1x its time per conv at ResNeXt-50's shapes
-    (docs/benchmarks.md, "A narrow-group conv kernel of our own", "8-channel groups and
-    stride 2").
+    """Whether `grouped_conv` runs this conv's forward on this project's own kernel
+    (csrc/narrow_conv.cc) instead of oneDNN's, and its gradients where `narrow_conv_passes` says:
+    a 3x3 conv, stride 1 or 2, padding 1, of 4, 8, 16 or 32 input channels a group and as many
+    outputs (the four stages of ResNeXt 32x4d and 64x4d, the first three of 32x8d), channels a
+    multiple of 16, in float32, on a CPU with AVX-512. oneDNN 3.2's forward for such groups took
+    1.2-2.1x its time per conv at ResNeXt-50's first two stages and 1.5x at its third
+    (docs/benchmarks.md, "A narrow-group conv kernel of our own", "8-channel groups and stride
+    2", "16- and 32-channel groups").
     `RESNEXT_JAX_NARROW_CONV=0`, read when a step is traced, keeps oneDNN's.
     """
     kh, kw, cin, out = kernel_shape
@@ -407,6 +410,20 @@ def narrow_conv_applies(kernel_shape, strides, padding, groups, dtype) -> bool:
         and available()
         and bool(_library.ResnextNarrowConvSupported())
     )
+
+
+def narrow_conv_passes(kernel_shape, strides, padding, groups, dtype) -> tuple[bool, bool, bool]:
+    """Which of a conv's forward, input gradient and kernel gradient `grouped_conv` runs on
+    csrc/narrow_conv.cc: none unless `narrow_conv_applies`; else the forward, and both gradients
+    at 4 and 8 channels a group. At 16 and 32, where the kernel's forward is the faster one,
+    oneDNN's gradients took as long as the kernel's or less in ResNeXt-50's training step, except
+    the input gradient of a stride-2 conv of 32-channel groups (2x oneDNN's speed); that one
+    runs on the kernel (docs/benchmarks.md, "16- and 32-channel groups").
+    """
+    if not narrow_conv_applies(kernel_shape, strides, padding, groups, dtype):
+        return False, False, False
+    grads = kernel_shape[2] in NARROW_KERNEL_GRAD_WIDTHS
+    return True, grads or (strides, kernel_shape[2]) == (2, 32), grads
 
 
 # A stride-1 1x1 conv's kernel gradient runs as a matmul where it sums over at most this many
@@ -446,8 +463,8 @@ def pointwise_kernel_grad(x, dy):
 
 
 def narrow_conv(x, kernel, stride=1):
-    """csrc/narrow_conv.cc's conv of float32 NHWC `x` with a 3x3xKxC kernel (groups of K = 4 or
-    8 channels, stride 1 or 2, padding 1); `narrow_conv_applies` says where it runs."""
+    """csrc/narrow_conv.cc's conv of float32 NHWC `x` with a 3x3xKxC kernel (groups of K = 4, 8,
+    16 or 32 channels, stride 1 or 2, padding 1); `narrow_conv_passes` says where it runs."""
     require()
     x, kernel = parallel.vary_like(x, kernel), parallel.vary_like(kernel, x)
     result = jax.typeof(x).update(shape=output_shape(x.shape, kernel.shape, stride, 1))
@@ -468,7 +485,7 @@ def narrow_conv_input_grad(dy, kernel, x_shape, stride=1):
 
 def narrow_conv_kernel_grad(x, dy, per, stride=1):
     """The kernel gradient (3x3x`per`xC) of `narrow_conv` from its input `x` and output gradient
-    `dy`, by csrc/narrow_conv.cc."""
+    `dy`, by csrc/narrow_conv.cc; `per` one of NARROW_KERNEL_GRAD_WIDTHS."""
     require()
     x, dy = parallel.vary_like(x, dy), parallel.vary_like(dy, x)
     result = jax.typeof(x).update(shape=(3, 3, per, x.shape[-1]))
@@ -500,15 +517,17 @@ def _grouped_conv_bwd(strides, padding, groups, narrow, matmul_dw, residuals, dy
     x, kernel = residuals
     t = _compute_dtype(x, kernel)
     xt, kt, dyt = x.astype(t), kernel.astype(t), dy.astype(t)
-    if narrow:
+    _, narrow_dx, narrow_dw = narrow
+    if narrow_dx:
         dx = narrow_conv_input_grad(dyt, kt, x.shape, strides)
-        dw = narrow_conv_kernel_grad(xt, dyt, kernel.shape[2], strides)
     else:
         dx = input_grad(dyt, kt, x.shape, strides, padding, groups)
-        if matmul_dw:
-            dw = pointwise_kernel_grad(xt, dyt)
-        else:
-            dw = folded_kernel_grad(xt, dyt, kernel.shape, strides, padding, groups)
+    if narrow_dw:
+        dw = narrow_conv_kernel_grad(xt, dyt, kernel.shape[2], strides)
+    elif matmul_dw:
+        dw = pointwise_kernel_grad(xt, dyt)
+    else:
+        dw = folded_kernel_grad(xt, dyt, kernel.shape, strides, padding, groups)
     return dx.astype(x.dtype), dw.astype(kernel.dtype)
 
 

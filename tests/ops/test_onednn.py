@@ -570,8 +570,17 @@ def test_the_narrow_conv_kernel_takes_only_its_shape(monkeypatch):
     assert applies((3, 3, 4, 128), 1, 1, 32, f32)  # ResNeXt-50 32x4d, stage 1
     assert applies((3, 3, 8, 256), 1, 1, 32, f32)  # stage 2
     assert applies((3, 3, 8, 256), 2, 1, 32, f32)  # stage 2's strided first conv
+    assert applies((3, 3, 16, 512), 1, 1, 32, f32)  # stage 3
+    assert applies((3, 3, 32, 1024), 2, 1, 32, f32)  # stage 4's strided first conv
+    passes = onednn.narrow_conv_passes
+    assert passes((3, 3, 8, 256), 2, 1, 32, f32) == (True, True, True)
+    assert passes((3, 3, 16, 512), 1, 1, 32, f32) == (True, False, False)  # oneDNN's gradients
+    assert passes((3, 3, 16, 512), 2, 1, 32, f32) == (True, False, False)
+    assert passes((3, 3, 32, 1024), 1, 1, 32, f32) == (True, False, False)
+    assert passes((3, 3, 32, 1024), 2, 1, 32, f32) == (True, True, False)
+    assert passes((3, 3, 64, 2048), 1, 1, 32, f32) == (False, False, False)
     assert applies((3, 3, 4, 16), 1, 1, 4, f32)
-    assert not applies((3, 3, 16, 512), 1, 1, 32, f32)  # 16 channels a group (stage 3)
+    assert not applies((3, 3, 64, 2048), 1, 1, 32, f32)  # 64 channels a group (32x8d, stage 4)
     assert not applies((3, 3, 8, 256), 3, 1, 32, f32)  # stride 3
     assert not applies((3, 3, 4, 128), 1, 1, 32, jnp.bfloat16)
     assert not applies((3, 3, 4, 8), 1, 1, 2, f32)  # not a multiple of 16 channels
@@ -583,12 +592,14 @@ def test_the_narrow_conv_kernel_takes_only_its_shape(monkeypatch):
 
 
 @needs_onednn
-@pytest.mark.parametrize("per", [4, 8])
+@pytest.mark.parametrize("per", [4, 8, 16, 32])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize(
-    "shape", [(2, 9, 11, 128), (3, 7, 7, 64), (2, 6, 5, 16), (1, 4, 6, 32), (2, 1, 1, 16)]
-)  # widths 11, 7, 5, 6 and 1 (and at stride 2: 6, 4, 3, 3, 1) take each of the kernel's
-# partial blocks of pixels; odd and even sizes give a strided conv every missing neighbour
+    "shape",
+    [(2, 9, 11, 128), (3, 7, 7, 64), (2, 6, 5, 32), (1, 4, 6, 32), (2, 1, 1, 32), (2, 5, 31, 32)],
+)  # widths 11, 7, 5, 6, 1 and 31 (and at stride 2: 6, 4, 3, 3, 1, 16) take each of the
+# kernels' partial blocks of pixels, and 31 their full ones; odd and even sizes give a strided
+# conv every missing neighbour; 32 channels in groups of 32 leave a thread no group of its own
 def test_the_narrow_conv_kernel_matches_xla(shape, stride, per):
     groups = shape[-1] // per
     if not onednn.narrow_conv_applies((3, 3, per, shape[-1]), stride, 1, groups, jnp.float32):
@@ -612,19 +623,30 @@ def test_the_narrow_conv_kernel_matches_xla(shape, stride, per):
         y, vjp = jax.vjp(conv, x, kernel)
         return (y, *vjp(dy))
 
+    # grouped_conv's passes, then the kernel's input gradient wherever oneDNN's runs in them
+    _, narrow_dx, narrow_dw = onednn.narrow_conv_passes(kernel.shape, stride, 1, groups, x.dtype)
     lowered = jax.jit(lambda: outputs(ours)).lower().as_text()
-    assert "narrow_conv_kernel_grad" in lowered and "resnext_onednn_conv" not in lowered
-    for name, got, want in zip(("y", "dx", "dkernel"), jax.jit(lambda: outputs(ours))(),
-                               jax.jit(lambda: outputs(xla))(), strict=True):  # fmt: skip
-        assert got.shape == want.shape, name
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()),
+    assert "narrow_conv" in lowered
+    assert ("narrow_conv_kernel_grad" in lowered) == narrow_dw
+    assert ("resnext_onednn_conv" in lowered) == (not narrow_dx or not narrow_dw)
+    got = list(jax.jit(lambda: outputs(ours))())
+    want = list(jax.jit(lambda: outputs(xla))())
+    names = ["y", "dx", "dkernel"]
+    if not narrow_dx:
+        got.append(jax.jit(lambda: onednn.narrow_conv_input_grad(dy, kernel, x.shape, stride))())
+        want.append(want[1])
+        names.append("dx by the kernel")
+    for name, g, w in zip(names, got, want, strict=True):
+        assert g.shape == w.shape, name
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(jnp.abs(w).max()),
                                    err_msg=name)  # fmt: skip
 
 
 @needs_onednn
 def test_the_narrow_conv_kernel_checks_its_shapes():
     x = jnp.ones((1, 4, 4, 8))
-    with pytest.raises(Exception, match="3x3xKxC, K 4 or 8, C \\(a multiple of 16\\)"):
+    shape_rule = "3x3xKxC, K 4, 8, 16 or 32, C \\(a multiple of 16 and of K\\)"
+    with pytest.raises(Exception, match=shape_rule):
         jax.block_until_ready(onednn.narrow_conv(x, jnp.ones((3, 3, 4, 8))))
     x = jnp.ones((1, 4, 4, 16))
     with pytest.raises(Exception, match="3x3xKxC"):
@@ -635,6 +657,8 @@ def test_the_narrow_conv_kernel_checks_its_shapes():
         dy = jnp.ones((1, 3, 2, 16))  # a stride-2 conv of 4x4 gives 2x2
         jax.block_until_ready(onednn.narrow_conv_input_grad(dy, jnp.ones((3, 3, 4, 16)),
                                                             x.shape, stride=2))  # fmt: skip
+    with pytest.raises(Exception, match="kernel gradient takes K 4 or 8"):
+        jax.block_until_ready(onednn.narrow_conv_kernel_grad(x, x, 16))
 
 
 def test_the_pointwise_matmul_takes_only_its_shape(monkeypatch):

@@ -1,12 +1,12 @@
-// A 3x3, padding-1 grouped conv of stride 1 or 2 and K = 4 or 8 input and output channels a
-// group (stages 1 and 2 of ResNeXt 32x4d), float32 NHWC, written for AVX-512: oneDNN 3.2's
-// kernels for such narrow groups run far below the CPU's speed (docs/benchmarks.md, "A
-// narrow-group conv kernel of our own"). Two XLA FFI handlers; resnext_jax/ops/onednn.py builds
-// this file beside the oneDNN ones and calls it for the forward, the input gradient (the conv's
-// transpose, with the kernel flipped and transposed within groups) and the kernel gradient,
-// where `narrow_conv_applies` says so.
+// A 3x3, padding-1 grouped conv of stride 1 or 2 and K = 4, 8, 16 or 32 input and output
+// channels a group (the four stages of ResNeXt 32x4d), float32 NHWC, written for AVX-512:
+// oneDNN 3.2's kernels for such groups run far below the CPU's speed (docs/benchmarks.md, "A
+// narrow-group conv kernel of our own", "16- and 32-channel groups"). Two XLA FFI handlers;
+// resnext_jax/ops/onednn.py builds this file beside the oneDNN ones and calls it for the
+// forward, the input gradient (the conv's transpose, with the kernel flipped and transposed
+// within groups) and, for K = 4 or 8, the kernel gradient, where `narrow_conv_passes` says so.
 //
-// Output channel o of group g is sum over taps t and inputs i of x[t][Kg+i] * w[t][i][Kg+o].
+// K = 4 or 8: output channel o of group g is sum over taps t and inputs i of x[t][Kg+i] * w[t][i][Kg+o].
 // One 16-float vector holds 16/K groups' channels. Multiplying the input vector by w_r, whose
 // lane Kg+i holds w[t][i][Kg+(i+r)%K], puts in lane Kg+i a term of output Kg+(i+r)%K; so K
 // accumulators (r = 0..K-1) take every tap's products with no shuffle, and the output is their
@@ -252,21 +252,163 @@ __attribute__((target("avx512f"))) void KernelGrad(const float* x, const float* 
       }
 }
 
+// Wider groups, K = 16 or 32 channels (stages 3 and 4 of ResNeXt 32x4d): a group's outputs
+// fill K / 16 vectors, so each input channel is broadcast and multiplied by its row of the
+// kernel, with no rotation. Each thread takes a group of one image at a time and first copies
+// what it reads into buffers of its own: the group's input, zero-padded, (h + 2) x (w + 2) x
+// K, and its kernel, [9][K][K]. There every address is a constant offset, the padding needs no
+// bounds checks and the kernel's rows lie K floats apart instead of C: at a C of 512 or more,
+// rows C floats apart share two of the L1 cache's 64 sets and evict each other.
+
+// Copies `rows` x `cols` pixels of K channels, C apart in `src`, into `dst` at `pad` rows and
+// columns in from its corner; dst has cols + 2 * pad columns; the padding is zeroed.
+template <int K>
+__attribute__((target("avx512f"))) void CopySlice(const float* src, int64_t rows, int64_t cols,
+                                                  int64_t c, int pad, float* dst) {
+  const int64_t dw = cols + 2 * pad;
+  std::fill(dst, dst + pad * dw * K, 0.f);
+  std::fill(dst + (rows + pad) * dw * K, dst + (rows + 2 * pad) * dw * K, 0.f);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* out = dst + (r + pad) * dw * K;
+    std::fill(out, out + pad * K, 0.f);
+    std::fill(out + (cols + pad) * K, out + dw * K, 0.f);
+    for (int64_t col = 0; col < cols; ++col)
+#pragma GCC unroll 2
+      for (int v = 0; v < K / kLanes; ++v)
+        _mm512_storeu_ps(out + (col + pad) * K + v * kLanes,
+                         _mm512_loadu_ps(src + (r * cols + col) * c + v * kLanes));
+  }
+}
+
+// P neighbouring output pixels, from column ow of output row oh, of one group: `buf` is the
+// group's padded input (bw its padded width), `wg` its kernel [9][K][K], `yp` the first
+// pixel's outputs. D and S as for Block: a conv of stride S (D = 1), or the transpose of a
+// stride-2 conv (D = 2; ow even). h is the input's height.
+template <int K, int P, int D, int S>
+__attribute__((target("avx512f"))) inline void WideBlock(const float* buf, int64_t bw,
+                                                          const float* wg, int64_t c, float* yp,
+                                                          int64_t h, int64_t oh, int64_t ow) {
+  constexpr int V = K / kLanes;
+  __m512 acc[P][V];
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p)
+#pragma GCC unroll 2
+    for (int v = 0; v < V; ++v) acc[p][v] = _mm512_setzero_ps();
+#pragma GCC unroll 3
+  for (int kh = 0; kh < 3; ++kh) {
+    int64_t br;  // the buffer's row, padding included
+    if constexpr (D == 1) {
+      br = oh * S + kh;
+    } else {
+      if ((oh + kh - 1) & 1) continue;
+      br = (oh + kh - 1) / 2 + 1;
+    }
+    if (br == 0 || br > h) continue;  // a padding row
+    const float* row = buf + (br * bw + (D == 1 ? ow * S : ow / 2)) * K;
+#pragma GCC unroll 3
+    for (int kw = 0; kw < 3; ++kw) {
+      const float* wt = wg + (kh * 3 + kw) * K * K;
+#pragma GCC unroll 2
+      for (int i = 0; i < K; ++i) {
+        __m512 wv[V];
+#pragma GCC unroll 2
+        for (int v = 0; v < V; ++v) wv[v] = _mm512_loadu_ps(wt + i * K + v * kLanes);
+#pragma GCC unroll 16
+        for (int p = 0; p < P; ++p) {
+          if (D == 2 && ((p + kw + 1) & 1)) continue;  // reads an odd column: no tap
+          // The buffer's column from the block's first: (ow + p) * S + kw - 1 + 1, or for
+          // D = 2, (ow + p + kw - 1) / 2 + 1.
+          const int col = D == 1 ? p * S + kw : (p + kw - 1) / 2 + 1;
+          const __m512 b = _mm512_set1_ps(row[col * K + i]);
+#pragma GCC unroll 2
+          for (int v = 0; v < V; ++v) acc[p][v] = _mm512_fmadd_ps(b, wv[v], acc[p][v]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p)
+#pragma GCC unroll 2
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(yp + p * c + v * kLanes, acc[p][v]);
+}
+
+// The last `left` (< P) pixels of a row, in one WideBlock.
+template <int K, int P, int D, int S>
+__attribute__((target("avx512f"))) inline void WideTail(const float* buf, int64_t bw,
+                                                         const float* wg, int64_t c, float* yp,
+                                                         int64_t h, int64_t oh, int64_t ow,
+                                                         int64_t left) {
+  if constexpr (P > 1) {
+    if (left == P - 1) return WideBlock<K, P - 1, D, S>(buf, bw, wg, c, yp, h, oh, ow);
+    return WideTail<K, P - 1, D, S>(buf, bw, wg, c, yp, h, oh, ow, left);
+  }
+}
+
+// Output pixels a WideBlock: P * K / 16 accumulators, K / 16 kernel vectors and a broadcast
+// input within AVX-512's 32 registers; even, for D = 2.
+constexpr int kWidePixels = 14;
+
+// Prefetches into L2 the lines CopySlice will read for a group of one image.
+template <int K>
+inline void PrefetchSlice(const float* src, int64_t pixels, int64_t c) {
+  for (int64_t p = 0; p < pixels; ++p)
+    for (int v = 0; v < K / kLanes; ++v)
+      _mm_prefetch(reinterpret_cast<const char*>(src + p * c + v * kLanes), _MM_HINT_T1);
+}
+
+// The conv of x (n x h x w x c) into y (n x ho x wo x c) with the kernel in flax's layout.
+// Threads take (image, group) pairs in order, so that a thread's next slice of x lies in the
+// lines beside its current one; each prefetches its next.
+template <int K, int D, int S>
+__attribute__((target("avx512f"))) void WideConv(const float* x, const float* kernel, float* y,
+                                                 int64_t n, int64_t h, int64_t w, int64_t ho,
+                                                 int64_t wo, int64_t c) {
+  constexpr int P = kWidePixels;
+  const int64_t groups = c / K, bw = w + 2;
+  std::vector<float> packed(9 * K * c);  // [group][9][K][K]
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < groups; ++g)
+      CopySlice<K>(kernel + g * K, 1, 9 * K, c, 0, packed.data() + g * 9 * K * K);
+    std::vector<float> buf((h + 2) * bw * K);
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < n; ++b)
+      for (int64_t g = 0; g < groups; ++g) {
+        const float* wg = packed.data() + g * 9 * K * K;
+        const float* src = x + b * h * w * c + g * K;
+        CopySlice<K>(src, h, w, c, 1, buf.data());
+        if (g + 1 < groups || b + 1 < n)  // the next pair's slice
+          PrefetchSlice<K>(src + (g + 1 < groups ? K : h * w * c - g * K), h * w, c);
+        for (int64_t oh = 0; oh < ho; ++oh) {
+          float* yrow = y + (b * ho + oh) * wo * c + g * K;
+          int64_t ow = 0;
+          for (; ow + P <= wo; ow += P)
+            WideBlock<K, P, D, S>(buf.data(), bw, wg, c, yrow + ow * c, h, oh, ow);
+          if (ow < wo)
+            WideTail<K, P, D, S>(buf.data(), bw, wg, c, yrow + ow * c, h, oh, ow, wo - ow);
+        }
+      }
+  }
+}
+
 // The output size of a 3x3, padding-1 conv of stride `stride` over `size` pixels.
 int64_t Out(int64_t size, int64_t stride) { return (size - 1) / stride + 1; }
 
 // Checks a call's shapes: NHWC `x`, `y` (its output: the conv's, or the input gradient's with
 // `transposed`; or its output gradient: `what` names it), and a 3x3xKxC kernel (or kernel
-// gradient) `kd`, K 4 or 8; and that the CPU has AVX-512.
+// gradient) `kd`, K 4, 8, 16 or 32; and that the CPU has AVX-512.
 ffi::Error Check(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> yd,
                  ffi::Span<const int64_t> kd, int64_t stride, bool transposed, const char* what) {
   if (xd.size() != 4 || yd.size() != 4 || kd.size() != 4)
     return ffi::Error::InvalidArgument("narrow conv: NHWC activations and an HWIO kernel");
   const int64_t c = xd[3];
-  if (kd[0] != 3 || kd[1] != 3 || (kd[2] != 4 && kd[2] != 8) || kd[3] != c || c % kLanes)
+  const int64_t k = kd[2];
+  if (kd[0] != 3 || kd[1] != 3 || (k != 4 && k != 8 && k != 16 && k != 32) || kd[3] != c ||
+      c % std::max<int64_t>(k, kLanes))
     return ffi::Error::InvalidArgument(
-        "narrow conv: the kernel must be 3x3xKxC, K 4 or 8, C (a multiple of 16) the input's "
-        "channels");
+        "narrow conv: the kernel must be 3x3xKxC, K 4, 8, 16 or 32, C (a multiple of 16 and of "
+        "K) the input's channels");
   if (stride != 1 && stride != 2)
     return ffi::Error::InvalidArgument("narrow conv: stride 1 or 2");
   const auto small = transposed ? xd : yd, large = transposed ? yd : xd;
@@ -296,12 +438,26 @@ ffi::Error NarrowConv(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
   if (auto error = Check(xd, yd, kernel.dimensions(), stride, transposed, "output");
       error.failure())
     return error;
-  const bool k4 = kernel.dimensions()[2] == 4;
-  auto forward = transposed && stride == 2 ? (k4 ? Forward<4, 2> : Forward<8, 2>)
-                                           : (k4 ? Forward<4, 1> : Forward<8, 1>);
+  const int64_t k = kernel.dimensions()[2];
+  const float *in = x.typed_data(), *w = kernel.typed_data();
+  float* out = y->typed_data();
   // The transpose of a stride-1 conv is a stride-1 conv.
-  forward(x.typed_data(), kernel.typed_data(), y->typed_data(), xd[0], xd[1], xd[2], yd[1],
-          yd[2], xd[3], transposed ? 1 : stride);
+  const bool spread = transposed && stride == 2;
+  const int64_t s = transposed ? 1 : stride;
+  if (k >= 16) {
+    using Wide = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t,
+                          int64_t, int64_t);
+    const bool k16 = k == 16;
+    Wide wide = spread ? (k16 ? WideConv<16, 2, 1> : WideConv<32, 2, 1>)
+                : s == 2 ? (k16 ? WideConv<16, 1, 2> : WideConv<32, 1, 2>)
+                         : (k16 ? WideConv<16, 1, 1> : WideConv<32, 1, 1>);
+    wide(in, w, out, xd[0], xd[1], xd[2], yd[1], yd[2], xd[3]);
+    return ffi::Error::Success();
+  }
+  const bool k4 = k == 4;
+  auto forward = spread ? (k4 ? Forward<4, 2> : Forward<8, 2>)
+                        : (k4 ? Forward<4, 1> : Forward<8, 1>);
+  forward(in, w, out, xd[0], xd[1], xd[2], yd[1], yd[2], xd[3], s);
   return ffi::Error::Success();
 }
 
@@ -310,7 +466,10 @@ ffi::Error NarrowConvKernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> d
   const auto xd = x.dimensions(), yd = dy.dimensions();
   if (auto error = Check(xd, yd, dw->dimensions(), stride, false, "gradient"); error.failure())
     return error;
-  auto grad = dw->dimensions()[2] == 4 ? KernelGrad<4> : KernelGrad<8>;
+  const int64_t k = dw->dimensions()[2];
+  if (k > 8)
+    return ffi::Error::InvalidArgument("narrow conv: the kernel gradient takes K 4 or 8");
+  auto grad = k == 4 ? KernelGrad<4> : KernelGrad<8>;
   grad(x.typed_data(), dy.typed_data(), dw->typed_data(), xd[0], xd[1], xd[2], yd[1], yd[2],
        xd[3], stride);
   return ffi::Error::Success();

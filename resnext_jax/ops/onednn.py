@@ -393,7 +393,7 @@ def narrow_conv_applies(kernel_shape, strides, padding, groups, dtype) -> bool:
     a 3x3 conv, stride 1 or 2, padding 1, of 4, 8, 16 or 32 input channels a group and as many
     outputs (the four stages of ResNeXt 32x4d and 64x4d, the first three of 32x8d), channels a
     multiple of 16, in float32, on a CPU with AVX-512. oneDNN 3.2's forward for such groups took
-    1.2-2.1x its time per conv at ResNeXt-50's first two stages and 1.5x at its third
+    1.2-2.1x its time per conv at ResNeXt-50's first two stages and 1.35x at its third
     (docs/benchmarks.md, "A narrow-group conv kernel of our own", "8-channel groups and stride
     2", "16- and 32-channel groups").
     `RESNEXT_JAX_NARROW_CONV=0`, read when a step is traced, keeps oneDNN's.
@@ -417,7 +417,7 @@ def narrow_conv_passes(kernel_shape, strides, padding, groups, dtype) -> tuple[b
     csrc/narrow_conv.cc: none unless `narrow_conv_applies`; else the forward, and both gradients
     at 4 and 8 channels a group. At 16 and 32, where the kernel's forward is the faster one,
     oneDNN's gradients took as long as the kernel's or less in ResNeXt-50's training step, except
-    the input gradient of a stride-2 conv of 32-channel groups (2x oneDNN's speed); that one
+    the input gradient of a stride-2 conv of 32-channel groups (1.9x oneDNN's speed); that one
     runs on the kernel (docs/benchmarks.md, "16- and 32-channel groups").
     """
     if not narrow_conv_applies(kernel_shape, strides, padding, groups, dtype):

@@ -6,7 +6,8 @@
 // forward, the input gradient (the conv's transpose, with the kernel flipped and transposed
 // within groups) and, for K = 4 or 8, the kernel gradient, where `narrow_conv_passes` says so.
 //
-// K = 4 or 8: output channel o of group g is sum over taps t and inputs i of x[t][Kg+i] * w[t][i][Kg+o].
+// K = 4 or 8: output channel o of group g is sum over taps t and inputs i of
+// x[t][Kg+i] * w[t][i][Kg+o].
 // One 16-float vector holds 16/K groups' channels. Multiplying the input vector by w_r, whose
 // lane Kg+i holds w[t][i][Kg+(i+r)%K], puts in lane Kg+i a term of output Kg+(i+r)%K; so K
 // accumulators (r = 0..K-1) take every tap's products with no shuffle, and the output is their
@@ -17,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -296,15 +298,9 @@ __attribute__((target("avx512f"))) inline void WideBlock(const float* buf, int64
     for (int v = 0; v < V; ++v) acc[p][v] = _mm512_setzero_ps();
 #pragma GCC unroll 3
   for (int kh = 0; kh < 3; ++kh) {
-    int64_t br;  // the buffer's row, padding included
-    if constexpr (D == 1) {
-      br = oh * S + kh;
-    } else {
-      if ((oh + kh - 1) & 1) continue;
-      br = (oh + kh - 1) / 2 + 1;
-    }
-    if (br == 0 || br > h) continue;  // a padding row
-    const float* row = buf + (br * bw + (D == 1 ? ow * S : ow / 2)) * K;
+    const int64_t ih = Source<D>(oh, kh, S, h);
+    if (ih < 0) continue;  // a padding row, or no tap
+    const float* row = buf + ((ih + 1) * bw + (D == 1 ? ow * S : ow / 2)) * K;
 #pragma GCC unroll 3
     for (int kw = 0; kw < 3; ++kw) {
       const float* wt = wg + (kh * 3 + kw) * K * K;
@@ -365,28 +361,29 @@ __attribute__((target("avx512f"))) void WideConv(const float* x, const float* ke
                                                  int64_t wo, int64_t c) {
   constexpr int P = kWidePixels;
   const int64_t groups = c / K, bw = w + 2;
-  std::vector<float> packed(9 * K * c);  // [group][9][K][K]
+  // Left uninitialised: CopySlice writes every element of both buffers, padding included.
+  std::unique_ptr<float[]> packed(new float[9 * K * c]);  // [group][9][K][K]
 #pragma omp parallel
   {
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < groups; ++g)
-      CopySlice<K>(kernel + g * K, 1, 9 * K, c, 0, packed.data() + g * 9 * K * K);
-    std::vector<float> buf((h + 2) * bw * K);
+      CopySlice<K>(kernel + g * K, 1, 9 * K, c, 0, packed.get() + g * 9 * K * K);
+    std::unique_ptr<float[]> buf(new float[(h + 2) * bw * K]);
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < n; ++b)
       for (int64_t g = 0; g < groups; ++g) {
-        const float* wg = packed.data() + g * 9 * K * K;
+        const float* wg = packed.get() + g * 9 * K * K;
         const float* src = x + b * h * w * c + g * K;
-        CopySlice<K>(src, h, w, c, 1, buf.data());
+        CopySlice<K>(src, h, w, c, 1, buf.get());
         if (g + 1 < groups || b + 1 < n)  // the next pair's slice
           PrefetchSlice<K>(src + (g + 1 < groups ? K : h * w * c - g * K), h * w, c);
         for (int64_t oh = 0; oh < ho; ++oh) {
           float* yrow = y + (b * ho + oh) * wo * c + g * K;
           int64_t ow = 0;
           for (; ow + P <= wo; ow += P)
-            WideBlock<K, P, D, S>(buf.data(), bw, wg, c, yrow + ow * c, h, oh, ow);
+            WideBlock<K, P, D, S>(buf.get(), bw, wg, c, yrow + ow * c, h, oh, ow);
           if (ow < wo)
-            WideTail<K, P, D, S>(buf.data(), bw, wg, c, yrow + ow * c, h, oh, ow, wo - ow);
+            WideTail<K, P, D, S>(buf.get(), bw, wg, c, yrow + ow * c, h, oh, ow, wo - ow);
         }
       }
   }

@@ -44,7 +44,9 @@ def layers(model, input_shape) -> tuple[list[Layer], dict]:
         out = next_fun(*args, **kwargs)
         module = context.module
         if context.method_name == "__call__" and isinstance(module, LAYER_TYPES):
-            calls.append(Layer(module.path, module, tuple(args[0].shape), tuple(out.shape)))
+            # A batch norm's input has its output's shape (one given `conv` gets the conv's).
+            x = out if isinstance(module, BatchNorm) else args[0]
+            calls.append(Layer(module.path, module, tuple(x.shape), tuple(out.shape)))
         return out
 
     with nn.intercept_methods(record):

@@ -63,21 +63,30 @@ class BatchNorm(nn.Module):
     relu: bool = False  # ReLU the output (oneDNN applies it in the same pass)
 
     @nn.compact
-    def __call__(self, x, add=None):
-        """Normalize `x`; with `add` (needs `relu`), relu(normalized + add): a block's end."""
+    def __call__(self, x, add=None, conv=None):
+        """Normalize `x`; with `add` (needs `relu`), relu(normalized + add): a block's end.
+
+        With `conv` (a `Conv` module), normalize `conv(x)`: in inference, where
+        `conv.takes_affine` says so, the conv, this batch norm, `add` and the ReLU run as one
+        oneDNN call (resnext_jax.ops.onednn.conv_affine) instead of a conv and a pass over its
+        output; the same arithmetic but for one rounding (x * mul and + shift are not fused).
+        """
         if add is not None and not self.relu:
             raise ValueError("BatchNorm adds a tensor only before its ReLU (relu=True)")
-        features = x.shape[-1]
+        features = x.shape[-1] if conv is None else conv.features
         scale = self.param("scale", self.scale_init, (features,))
         bias = self.param("bias", nn.initializers.zeros, (features,))
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
-        x32 = x.astype(jnp.float32)
         if self.use_running_average:
             mul = scale * lax.rsqrt(ra_var.value + self.epsilon)
-            return self._activate(
-                (x32 * mul + (bias - ra_mean.value * mul)).astype(self.dtype), add
-            )
+            shift = bias - ra_mean.value * mul
+            if conv is not None and self.dtype == jnp.float32 and conv.takes_affine(x, add):
+                return conv(x, affine=(mul, shift), add=add, relu=self.relu)
+            x = x if conv is None else conv(x)
+            return self._activate((x.astype(jnp.float32) * mul + shift).astype(self.dtype), add)
+        x = x if conv is None else conv(x)
+        x32 = x.astype(jnp.float32)
 
         batch = x.shape[0]
         devices = lax.axis_size(self.axis_name) if self.axis_name else 1
@@ -191,12 +200,10 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        y = self.norm(name="bn1", relu=True)(
-            self.conv(self.planes, 3, self.strides, name="conv1")(x)
-        )
-        y = self.conv(self.planes, 3, name="conv2")(y)
+        conv1 = self.conv(self.planes, 3, self.strides, name="conv1")
+        y = self.norm(name="bn1", relu=True)(x, conv=conv1)
         last_norm = partial(self.norm, scale_init=_last_bn_init(self.zero_init_last_bn), name="bn2")
-        return _add_shortcut(self, x, y, last_norm)
+        return _add_shortcut(self, x, y, last_norm, self.conv(self.planes, 3, name="conv2"))
 
 
 class Bottleneck(nn.Module):
@@ -227,14 +234,15 @@ class Bottleneck(nn.Module):
         out_features = self.planes * self.expansion
         if self.form == "grouped":
             width = d * self.cardinality
-            y = self.norm(name="bn1", relu=True)(self.conv(width, 1, name="conv1")(x))
-            y = self.conv(width, 3, self.strides, groups=self.cardinality, name="conv2")(y)
-            y = self.conv(out_features, 1, name="conv3")(self.norm(name="bn2", relu=True)(y))
+            y = self.norm(name="bn1", relu=True)(x, conv=self.conv(width, 1, name="conv1"))
+            conv2 = self.conv(width, 3, self.strides, groups=self.cardinality, name="conv2")
+            y = self.norm(name="bn2", relu=True)(y, conv=conv2)
+            last_conv = self.conv(out_features, 1, name="conv3")  # y is its input
         elif self.form == "concat":
             y = jnp.concatenate(
                 [self._path(x, d, name=f"path{i}") for i in range(self.cardinality)], axis=-1
             )
-            y = self.conv(out_features, 1, name="conv3")(y)
+            last_conv = self.conv(out_features, 1, name="conv3")
         elif self.form == "paths":
             y = sum(
                 self._path(x, d, name=f"path{i}", out_features=out_features)
@@ -242,8 +250,10 @@ class Bottleneck(nn.Module):
             )
         else:
             raise ValueError(f"unknown block form {self.form!r}; choose one of {BLOCK_FORMS}")
+        if self.form == "paths":
+            last_conv = None  # y is the paths' sum, each path's last conv inside it
         last_norm = partial(self.norm, scale_init=_last_bn_init(self.zero_init_last_bn), name="bn3")
-        return _add_shortcut(self, x, y, last_norm)
+        return _add_shortcut(self, x, y, last_norm, last_conv)
 
     def _path(self, x, d, name, out_features=0):
         return _Path(d, self.strides, self.conv, self.norm, out_features, name=name)(x)
@@ -260,9 +270,9 @@ class _Path(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        y = self.norm(name="bn1", relu=True)(self.conv(self.width, 1, name="conv1")(x))
-        y = self.conv(self.width, 3, self.strides, name="conv2")(y)
-        y = self.norm(name="bn2", relu=True)(y)
+        y = self.norm(name="bn1", relu=True)(x, conv=self.conv(self.width, 1, name="conv1"))
+        conv2 = self.conv(self.width, 3, self.strides, name="conv2")
+        y = self.norm(name="bn2", relu=True)(y, conv=conv2)
         return self.conv(self.out_features, 1, name="conv3")(y) if self.out_features else y
 
 
@@ -270,11 +280,13 @@ def _last_bn_init(zero_init: bool) -> Callable:
     return nn.initializers.zeros if zero_init else nn.initializers.ones
 
 
-def _add_shortcut(block, x, y, last_norm):
-    """The last batch norm, the shortcut, the residual add and the ReLU after it.
+def _add_shortcut(block, x, y, last_norm, last_conv=None):
+    """The last conv and batch norm, the shortcut, the residual add and the ReLU after it.
 
-    `y` is the residual branch before its last batch norm, `last_norm` that norm's module
-    (partial), which also adds the shortcut and applies the ReLU. A type-B projection only
+    `y` is the residual branch before its last conv `last_conv` (a Conv module), or where
+    there is none before its last batch norm; `last_norm` is that norm's module (partial), which
+    also adds the shortcut and applies the ReLU (in inference, all of it one oneDNN call where
+    `Conv.takes_affine`). A type-B projection only
     where the shape changes. A `lesioned` block drops its residual branch (its parameters stay,
     unused): the identity passes `x` on unchanged (x is post-ReLU), a projection block outputs
     its projection alone, and a plain block (no shortcut) becomes the identity where the shapes
@@ -282,8 +294,8 @@ def _add_shortcut(block, x, y, last_norm):
     """
     if not block.shortcut:  # Section 5.1's ablation: no identity and no projection paths.
         if not block.lesioned:
-            return last_norm(relu=True)(y)
-        last_norm()(y)  # its parameters exist, as in the intact block
+            return last_norm(relu=True)(y, conv=last_conv)
+        y = last_norm()(y, conv=last_conv)  # its parameters exist, as in the intact block
         if x.shape != y.shape:
             raise ValueError(
                 f"{block.name}: a plain block that changes the shape from {x.shape} to "
@@ -294,15 +306,15 @@ def _add_shortcut(block, x, y, last_norm):
     if x.shape[-1] == out_features and block.strides == 1:
         residual = x
     else:
-        residual = block.conv(out_features, 1, block.strides, name="proj_conv")(x)
-        residual = block.norm(name="proj_bn")(residual)
+        proj_conv = block.conv(out_features, 1, block.strides, name="proj_conv")
+        residual = block.norm(name="proj_bn")(x, conv=proj_conv)
     if block.lesioned:
-        last_norm()(y)
+        last_norm()(y, conv=last_conv)
         return x if residual is x else relu(residual)
     if block.drop_path > 0:
-        y = drop_path(block, last_norm()(y), block.drop_path, block.axis_name)
+        y = drop_path(block, last_norm()(y, conv=last_conv), block.drop_path, block.axis_name)
         return relu(y + residual)
-    return last_norm(relu=True)(y, add=residual)
+    return last_norm(relu=True)(y, add=residual, conv=last_conv)
 
 
 def drop_path(module, y, rate, axis_name=None):
@@ -414,11 +426,12 @@ class ResNet(nn.Module):
             impl="auto" if uses_onednn(self.conv_impl) else "xla",
         )
         if self.stem == "imagenet":  # 7x7/2 conv, BN, ReLU, 3x3/2 max pool
-            x = norm(name="stem_bn", relu=True)(conv(self.stem_width, 7, 2, name="stem_conv")(x))
+            stem_conv = conv(self.stem_width, 7, 2, name="stem_conv")
+            x = norm(name="stem_bn", relu=True)(x, conv=stem_conv)
             x = max_pool(x, 3, 2, 1, self.dtype, onednn_ok=uses_onednn(self.conv_impl))
         elif self.stem == "cifar":  # 3x3 conv (stride `stem_strides`), BN, ReLU, no pooling
-            x = conv(self.stem_width, 3, self.stem_strides, name="stem_conv")(x)
-            x = norm(name="stem_bn", relu=True)(x)
+            stem_conv = conv(self.stem_width, 3, self.stem_strides, name="stem_conv")
+            x = norm(name="stem_bn", relu=True)(x, conv=stem_conv)
         else:
             raise ValueError(f"unknown stem {self.stem!r}; choose 'imagenet' or 'cifar'")
 

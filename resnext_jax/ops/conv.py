@@ -143,8 +143,33 @@ class Conv(nn.Module):
     dtype: Any = jnp.float32
     kernel_init: Callable = he_fan_out
 
+    def _impl(self, x_shape) -> str:
+        """What `conv2d` runs this conv as for an input of `x_shape` (`auto` resolved)."""
+        k = self.kernel_size
+        kernel_shape = (k, k, x_shape[-1] // self.groups, self.features)
+        impl = self.impl if self.groups > 1 else self.dense or dense_impl(self.impl)
+        return resolve_impl(impl, x_shape, kernel_shape, self.strides, self.groups)
+
+    def takes_affine(self, x, add=None) -> bool:
+        """Whether `__call__` can apply an inference batch norm (`affine`), `add` and a ReLU in
+        the conv's own oneDNN call (`onednn.conv_affine_applies`): a float32 conv that runs on
+        oneDNN here."""
+        k = self.kernel_size
+        kernel_shape = (k, k, x.shape[-1] // max(self.groups, 1), self.features)
+        return (
+            self.dtype == jnp.float32
+            and x.dtype == jnp.float32
+            and (add is None or add.dtype == jnp.float32)
+            and onednn_on_this_backend()
+            and self._impl(x.shape) == "onednn"
+            and onednn.conv_affine_applies(kernel_shape, self.strides, k // 2, self.groups)
+        )
+
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, affine=None, add=None, relu=False):
+        """The conv of `x`; with `affine` = (mul, shift), one value an output channel, and where
+        `takes_affine`, relu(conv * mul + shift + add) in one call (`add` and the ReLU
+        optional)."""
         in_features = x.shape[-1]
         if in_features % self.groups or self.features % self.groups:
             raise ValueError(
@@ -155,6 +180,15 @@ class Conv(nn.Module):
         kernel = self.param(
             "kernel", self.kernel_init, (k, k, in_features // self.groups, self.features)
         )
+        if affine is not None:
+            if not self.takes_affine(x, add):
+                raise ValueError(f"{self.name}: this conv cannot apply an affine map itself "
+                                 "(Conv.takes_affine)")  # fmt: skip
+            mul, shift = affine
+            return onednn.conv_affine(x, kernel, mul, shift, self.strides, k // 2, self.groups,
+                                      add=add, relu=relu)  # fmt: skip
+        if add is not None or relu:
+            raise ValueError(f"{self.name}: `add` and `relu` come with `affine`")
         return conv2d(
             x.astype(self.dtype),
             kernel.astype(self.dtype),

@@ -84,6 +84,7 @@ BUILD_TIMEOUT = "RESNEXT_JAX_BUILD_TIMEOUT"  # seconds
 DEFAULT_BUILD_TIMEOUT = 600  # generous: it is there to stop a hung compiler, not a slow one
 TARGETS = {
     "conv_forward": "ResnextOnednnConvForward",
+    "conv_affine": "ResnextOnednnConvForwardAffine",
     "conv_input_grad": "ResnextOnednnConvInputGrad",
     "conv_kernel_grad": "ResnextOnednnConvKernelGrad",
     "norm_forward": "ResnextOnednnNormForward",
@@ -347,6 +348,70 @@ def output_shape(x_shape, kernel_shape, strides, padding):
 def forward(x, kernel, strides, padding, groups):
     shape = output_shape(x.shape, kernel.shape, strides, padding)
     return _call("conv_forward", shape, x, kernel, strides, padding, groups)
+
+
+AFFINE_SWITCH = "RESNEXT_JAX_ONEDNN_AFFINE"  # 0: inference batch norms as XLA passes
+
+
+def conv_affine_applies(kernel_shape, strides, padding, groups) -> bool:
+    """Whether `conv_affine` runs this conv: wherever oneDNN's forward primitive would
+    (`narrow_conv_passes` leaves it there; the narrow kernel's convs keep their own forward),
+    unless `RESNEXT_JAX_ONEDNN_AFFINE=0`, read when a step is traced."""
+    return (
+        os.environ.get(AFFINE_SWITCH, "1") != "0"
+        and available()
+        and not narrow_conv_passes(kernel_shape, strides, padding, groups, np.float32)[0]
+    )
+
+
+def conv_affine(x, kernel, mul, shift, strides, padding, groups=1, add=None, relu=False):
+    """relu(conv(x, kernel) * mul + shift + add) (`add` and the ReLU optional), an inference
+    batch norm after a conv, in one oneDNN call: the affine map, the add and the ReLU run as
+    post-ops on each output tile while it is in registers, so none makes a pass over memory.
+    float32; `mul` and `shift` hold one value an output channel. `x * mul + shift` rounds twice
+    where XLA's fused multiply-add rounds once. The gradient recomputes the conv
+    (`grouped_conv`) and differentiates the same expression in jax.numpy."""
+    require()
+    operands = (x, kernel) if add is None else (x, kernel, add)
+    _check_dtypes("conv affine", *operands)
+    if np.dtype(x.dtype) != np.float32:
+        raise TypeError(f"the onednn conv affine runs float32 only, got {x.dtype}")
+    mul, shift = jnp.asarray(mul, jnp.float32), jnp.asarray(shift, jnp.float32)
+    return _conv_affine(x, kernel, mul, shift, add, strides, padding, groups, bool(relu))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _conv_affine(x, kernel, mul, shift, add, strides, padding, groups, relu):
+    every = (x, kernel, mul, shift) + (() if add is None else (add,))
+    x, kernel, mul, shift = (parallel.vary_like(a, *every) for a in (x, kernel, mul, shift))
+    extra = () if add is None else (parallel.vary_like(add, *every),)
+    shape = output_shape(x.shape, kernel.shape, strides, padding)
+    call = jax.ffi.ffi_call(_name("conv_affine"), jax.typeof(x).update(shape=shape),
+                            vmap_method="sequential")  # fmt: skip
+    return call(x, kernel, mul, shift, *extra, stride=np.int64(strides),
+                padding=np.int64(padding), groups=np.int64(groups), relu=relu)  # fmt: skip
+
+
+def _conv_affine_unfused(x, kernel, mul, shift, add, strides, padding, groups, relu):
+    y = grouped_conv(x, kernel, strides, padding, groups) * mul + shift
+    y = y if add is None else y + add
+    return jnp.where(y > 0, y, 0) if relu else y  # the gradient at 0 is 0, as ops.activation's
+
+
+def _conv_affine_fwd(x, kernel, mul, shift, add, strides, padding, groups, relu):
+    y = _conv_affine(x, kernel, mul, shift, add, strides, padding, groups, relu)
+    return y, (x, kernel, mul, shift, add)
+
+
+def _conv_affine_bwd(strides, padding, groups, relu, residuals, dy):
+    x, kernel, mul, shift, add = residuals
+    unfused = partial(_conv_affine_unfused, strides=strides, padding=padding, groups=groups,
+                      relu=relu)  # fmt: skip
+    _, pullback = jax.vjp(unfused, x, kernel, mul, shift, add)
+    return pullback(dy)
+
+
+_conv_affine.defvjp(_conv_affine_fwd, _conv_affine_bwd)
 
 
 def input_grad(dy, kernel, x_shape, strides, padding, groups):

@@ -368,6 +368,77 @@ def test_onednn_layers_match_xla_in_training(variant, dtype, tiny_batch):
             assert error <= 2 * xla_error + 0.1, (i, error, xla_error)
 
 
+def _random_norms(variables, key):
+    """`variables` with every batch norm's scale, bias and running statistics drawn at random,
+    so that an inference batch norm's shift is not zero and its scale not one."""
+    leaves, tree = jax.tree.flatten_with_path(variables)
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for (path, leaf), k in zip(leaves, keys, strict=True):
+        name = path[-1].key
+        if name in ("scale", "var"):
+            leaf = jax.random.uniform(k, leaf.shape, minval=0.5, maxval=1.5)
+        elif name in ("mean", "bias") and leaf.ndim == 1 and "head" not in str(path):
+            leaf = 0.2 * jax.random.normal(k, leaf.shape)
+        out.append(leaf)
+    return jax.tree.unflatten(tree, out)
+
+
+@needs_onednn_cpu
+@pytest.mark.parametrize(
+    "variant,kwargs",
+    [("grouped", {}), ("plain", {}), ("grouped", {"lesioned": ("stage2_block0",)}),
+     pytest.param("imagenet_stem", {}, marks=pytest.mark.slow),
+     pytest.param("basic", {}, marks=pytest.mark.slow),
+     pytest.param("grouped", {"form": "concat"}, marks=pytest.mark.slow),
+     pytest.param("grouped", {"form": "paths"}, marks=pytest.mark.slow)],
+)  # fmt: skip
+def test_inference_runs_each_batch_norm_inside_its_conv(variant, kwargs, tiny_batch, monkeypatch):
+    """In inference every conv's batch norm, residual add and ReLU run in the conv's oneDNN call
+    (onednn.conv_affine), but for the narrow kernel's; logits and input gradients match the conv and batch norm run apart
+    (RESNEXT_JAX_ONEDNN_AFFINE=0) and XLA's (`xla_auto`) to a rounding."""
+    from resnext_jax.models import inspector
+    from resnext_jax.ops import onednn
+
+    base = dict(TINY[variant])
+    name = base.pop("name")
+    if variant == "imagenet_stem":
+        tiny_batch = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+    results = {}
+    for impl, fused in (("auto", "1"), ("auto", "0"), ("xla_auto", "1")):
+        monkeypatch.setenv(onednn.AFFINE_SWITCH, fused)
+        model = build_model(name, conv_impl=impl, **base, **kwargs)
+        variables = _random_norms(init(model, tiny_batch), jax.random.key(2))
+
+        def loss(x, model=model, variables=variables):
+            return jnp.sum(jnp.sin(model.apply(variables, x, train=False)))
+
+        hlo = jax.jit(loss).lower(tiny_batch).as_text()
+        calls = hlo.count("custom_call @resnext_onednn_conv_affine")
+        results[impl, fused] = (model.apply(variables, tiny_batch, train=False),
+                                jax.jit(jax.grad(loss))(tiny_batch))  # fmt: skip
+        if (impl, fused) == ("auto", "1"):
+            # Each norm follows a conv, which takes it in unless the narrow kernel runs that
+            # conv; Fig. 3(a)'s bn3 follows the paths' sum, and their last convs no norm.
+            layers, _ = inspector.layers(model, tiny_batch.shape)
+            paths = kwargs.get("form") == "paths"
+            norms = [x.path[-1] for x in layers if isinstance(x.module, BatchNorm)]
+            after_sum = norms.count("bn3") if paths else 0
+            narrow = hlo.count("custom_call @resnext_onednn_narrow_conv(")
+            plain = hlo.count("custom_call @resnext_onednn_conv_forward(")
+            assert calls + narrow + after_sum == len(norms), (calls, narrow, norms)
+            assert plain == (after_sum * model.cardinality if paths else 0)
+        else:
+            assert calls == 0
+    want_logits, want_grad = results["auto", "0"]
+    assert float(jnp.std(want_logits, axis=0).mean()) > 1e-3  # the images are told apart
+    for got_logits, got_grad in (results["auto", "1"], results["xla_auto", "1"]):
+        scale = float(jnp.abs(want_logits).max())
+        np.testing.assert_allclose(got_logits, want_logits, rtol=1e-5, atol=1e-5 * scale)
+        scale = float(jnp.abs(want_grad).max())
+        np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-4 * scale)
+
+
 def test_relu_has_jax_nn_relus_gradient_bit_for_bit():
     x = jnp.array([-2.0, -0.0, 0.0, 1e-30, 3.0])
     dy = jnp.array([1.0, 2.0, 3.0, 4.0, 5.0])

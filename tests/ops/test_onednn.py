@@ -712,3 +712,83 @@ def test_the_pointwise_kernel_grad_checks_its_shapes():
         jax.block_until_ready(onednn.pointwise_kernel_grad(x, dy))
     with pytest.raises(TypeError, match="float32 or bfloat16"):
         onednn.pointwise_kernel_grad(x.astype(jnp.float16), dy.astype(jnp.float16))
+
+
+def _xla_conv(x, kernel, strides, padding, groups):
+    return conv.xla_convs.native(x, kernel, strides, padding, groups)
+
+
+@needs_onednn
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+@pytest.mark.parametrize("add", [False, True], ids=["no_add", "add"])
+@pytest.mark.parametrize(
+    "x_shape,kernel_shape,strides,groups",
+    [((2, 9, 11, 16), (1, 1, 16, 32), 1, 1),  # a bottleneck's 1x1
+     ((2, 9, 11, 16), (1, 1, 16, 32), 2, 1),  # a strided projection
+     ((2, 9, 11, 16), (3, 3, 16, 24), 2, 1),
+     ((2, 8, 8, 12), (3, 3, 3, 12), 1, 4)],  # groups of 3: oneDNN's grouped forward
+)  # fmt: skip
+def test_conv_affine_is_the_conv_then_the_affine_map_add_and_relu(
+    x_shape, kernel_shape, strides, groups, add, relu
+):
+    """Bit for bit oneDNN's own conv followed by y * mul, + shift, + add and the ReLU, each
+    rounded to float32; within a rounding of XLA's conv and fused multiply-add; and the
+    gradients of that XLA formulation."""
+    keys = jax.random.split(jax.random.key(0), 6)
+    x = jax.random.normal(keys[0], x_shape)
+    kernel = jax.random.normal(keys[1], kernel_shape) * 0.2
+    out = kernel_shape[3]
+    mul = jax.random.uniform(keys[2], (out,), minval=0.5, maxval=1.5)
+    shift = jax.random.normal(keys[3], (out,))
+    padding = kernel_shape[0] // 2
+    y_shape = onednn.output_shape(x_shape, kernel_shape, strides, padding)
+    extra = jax.random.normal(keys[4], y_shape) if add else None
+
+    def fused(x, kernel, mul, shift, extra):
+        return onednn.conv_affine(x, kernel, mul, shift, strides, padding, groups, extra, relu)
+
+    def xla(x, kernel, mul, shift, extra):
+        y = _xla_conv(x, kernel, strides, padding, groups) * mul + shift
+        y = y if extra is None else y + extra
+        return jnp.where(y > 0, y, 0) if relu else y
+
+    got = np.asarray(jax.jit(fused)(x, kernel, mul, shift, extra))
+    y = np.asarray(onednn.forward(x, kernel, strides, padding, groups)) * np.asarray(mul)
+    y = y + np.asarray(shift)
+    y = y if extra is None else y + np.asarray(extra)
+    np.testing.assert_array_equal(got, np.maximum(y, 0) if relu else y)
+    want = np.asarray(jax.jit(xla)(x, kernel, mul, shift, extra))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+    dy = jax.random.normal(keys[5], y_shape)
+    grads = jax.vjp(fused, x, kernel, mul, shift, extra)[1](dy)
+    want_grads = jax.vjp(xla, x, kernel, mul, shift, extra)[1](dy)
+    assert (grads[4] is None) == (extra is None)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * float(jnp.abs(w).max()))
+
+
+@needs_onednn
+def test_conv_affine_checks_its_operands():
+    x, kernel = jnp.ones((1, 4, 4, 16)), jnp.ones((1, 1, 16, 8))
+    with pytest.raises(TypeError, match="float32 only"):
+        onednn.conv_affine(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), jnp.ones(8),
+                           jnp.zeros(8), 1, 0)  # fmt: skip
+    with pytest.raises(Exception, match="one value a channel"):
+        onednn.conv_affine(x, kernel, jnp.ones(4), jnp.zeros(8), 1, 0).block_until_ready()
+    with pytest.raises(Exception, match="the output's shape"):
+        onednn.conv_affine(x, kernel, jnp.ones(8), jnp.zeros(8), 1, 0,
+                           add=jnp.ones((1, 4, 4, 4))).block_until_ready()  # fmt: skip
+
+
+def test_conv_affine_leaves_the_narrow_kernels_convs_alone(monkeypatch):
+    applies = onednn.conv_affine_applies
+    if not onednn.available():
+        assert not applies((1, 1, 64, 256), 1, 0, 1)
+        return
+    assert applies((1, 1, 64, 256), 1, 0, 1)
+    assert applies((3, 3, 64, 2048), 1, 1, 32)  # 64 channels a group: oneDNN's forward
+    narrow = onednn._library.ResnextNarrowConvSupported()
+    assert applies((3, 3, 4, 128), 1, 1, 32) != bool(narrow)  # the narrow kernel's forward
+    monkeypatch.setenv(onednn.AFFINE_SWITCH, "0")
+    assert not applies((1, 1, 64, 256), 1, 0, 1)

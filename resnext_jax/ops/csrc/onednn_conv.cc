@@ -9,8 +9,10 @@
 // Square kernels are not assumed; padding is symmetric, dilation 1. Activations, kernel and
 // gradients are all float32 or all bfloat16; oneDNN accumulates bfloat16 in float32.
 
+#include <algorithm>
 #include <cstdint>
 #include <tuple>
+#include <unordered_map>
 
 #include "onednn_common.h"
 
@@ -160,6 +162,80 @@ ffi::Error KernelGrad(Data x, Data dy, DataResult dk, int64_t stride, int64_t pa
   });
 }
 
+// Inference: the conv, then per output channel y * mul + shift (an eval-mode batch norm),
+// optionally + add (a block's shortcut) and a ReLU, as oneDNN post-ops applied to each output
+// tile while it is in registers: the batch norm, the residual add and the ReLU need no pass of
+// their own over memory. float32 only; `mul` and `shift` are float32 vectors of `out`.
+struct Affine {
+  Problem conv;
+  bool add, relu;
+  auto key() const { return std::tuple_cat(conv.key(), std::tie(add, relu)); }
+  bool operator<(const Affine& o) const { return key() < o.key(); }
+  memory::desc channels() const { return {{1, conv.out, 1, 1}, memory::data_type::f32, Tag::nhwc}; }
+};
+
+struct AffinePrimitives {
+  dnnl::convolution_forward::primitive_desc pd;
+  dnnl::convolution_forward fwd;
+
+  explicit AffinePrimitives(const Affine& a) {
+    const Problem& p = a.conv;
+    dnnl::post_ops ops;
+    ops.append_binary(dnnl::algorithm::binary_mul, a.channels());
+    ops.append_binary(dnnl::algorithm::binary_add, a.channels());
+    if (a.add) ops.append_binary(dnnl::algorithm::binary_add, p.dst());
+    if (a.relu) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    dnnl::primitive_attr attr = UserScratchpad();
+    attr.set_post_ops(ops);
+    pd = dnnl::convolution_forward::primitive_desc(
+        Engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
+        p.src(), p.any_kernel(), p.dst(), p.strides(), p.pads(), p.pads(), attr);
+    fwd = dnnl::convolution_forward(pd);
+  }
+};
+
+ffi::Error ForwardAffine(Data x, Data kernel, F32 mul, F32 shift, ffi::RemainingArgs rest,
+                         DataResult y, int64_t stride, int64_t padding, int64_t groups, bool relu) {
+  auto p = MakeProblem(x, kernel, *y, stride, padding, groups);
+  if (p.has_error()) return p.error();
+  if (p->dt != memory::data_type::f32)
+    return ffi::Error::InvalidArgument("onednn conv affine: float32 only");
+  if (mul.element_count() != p->out || shift.element_count() != p->out)
+    return ffi::Error::InvalidArgument("onednn conv affine: mul and shift need one value a channel");
+  if (rest.size() > 1)
+    return ffi::Error::InvalidArgument("onednn conv affine: at most one tensor to add");
+  const void* add = nullptr;
+  if (rest.size() == 1) {
+    auto a = rest.get<Data>(0);
+    if (a.has_error()) return a.error();
+    const auto ad = a->dimensions(), yd = y->dimensions();
+    if (a->element_type() != ffi::DataType::F32 || !std::equal(ad.begin(), ad.end(), yd.begin(), yd.end()))
+      return ffi::Error::InvalidArgument("onednn conv affine: the tensor to add must be the output's shape and type");
+    add = a->untyped_data();
+  }
+  const Affine problem{*p, add != nullptr, relu};
+  return Guard("onednn conv affine", [&] {
+    auto& prims = Cached<AffinePrimitives>(problem);
+    dnnl::stream s(Engine());
+    memory k = KernelFor(*p, prims.pd.weights_desc(), kernel.untyped_data(), s);
+    memory src(p->src(), Engine(), x.untyped_data());
+    memory dst(p->dst(), Engine(), y->untyped_data());
+    memory m(problem.channels(), Engine(), mul.untyped_data());
+    memory b(problem.channels(), Engine(), shift.untyped_data());
+    std::unordered_map<int, memory> args{{DNNL_ARG_SRC, src},
+                                         {DNNL_ARG_WEIGHTS, k},
+                                         {DNNL_ARG_DST, dst},
+                                         {DNNL_ARG_SCRATCHPAD, Scratch(prims.pd)},
+                                         {DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1, m},
+                                         {DNNL_ARG_ATTR_MULTIPLE_POST_OP(1) | DNNL_ARG_SRC_1, b}};
+    if (add)
+      args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(2) | DNNL_ARG_SRC_1,
+                   memory(p->dst(), Engine(), const_cast<void*>(add)));
+    prims.fwd.execute(s, args);
+    s.wait();
+  });
+}
+
 // A stride-1 1x1 conv's kernel gradient as one matmul: x seen as (c, n*h*w) (a transposed view,
 // read in place) times dy as (n*h*w, out) gives the (1, 1, c, out) kernel gradient in flax's
 // layout. oneDNN 3.2's 1x1 convolution_backward_weights, and the reorder of its blocked result
@@ -205,6 +281,7 @@ ffi::Error PointwiseKernelGrad(Data x, Data dy, DataResult dk) {
 }  // namespace resnext_onednn
 
 EXPORT XLA_FFI_Error* ResnextOnednnConvForward(XLA_FFI_CallFrame*);
+EXPORT XLA_FFI_Error* ResnextOnednnConvForwardAffine(XLA_FFI_CallFrame*);
 EXPORT XLA_FFI_Error* ResnextOnednnConvInputGrad(XLA_FFI_CallFrame*);
 EXPORT XLA_FFI_Error* ResnextOnednnConvKernelGrad(XLA_FFI_CallFrame*);
 EXPORT XLA_FFI_Error* ResnextOnednnPointwiseKernelGrad(XLA_FFI_CallFrame*);
@@ -216,6 +293,16 @@ using resnext_onednn::Data;
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     ResnextOnednnConvForward, resnext_onednn::Forward,
     ffi::Ffi::Bind().Arg<Data>().Arg<Data>().Ret<Data>().CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    ResnextOnednnConvForwardAffine, resnext_onednn::ForwardAffine,
+    ffi::Ffi::Bind()
+        .Arg<Data>()
+        .Arg<Data>()
+        .Arg<resnext_onednn::F32>()
+        .Arg<resnext_onednn::F32>()
+        .RemainingArgs()
+        .Ret<Data>()
+        .CONV_ATTRS.Attr<bool>("relu"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     ResnextOnednnConvInputGrad, resnext_onednn::InputGrad,
     ffi::Ffi::Bind().Arg<Data>().Arg<Data>().Ret<Data>().CONV_ATTRS);

@@ -69,7 +69,8 @@ class BatchNorm(nn.Module):
         With `conv` (a `Conv` module), normalize `conv(x)`: in inference, where
         `conv.takes_affine` says so, the conv, this batch norm, `add` and the ReLU run as one
         oneDNN call (resnext_jax.ops.onednn.conv_affine) instead of a conv and a pass over its
-        output; the same arithmetic but for one rounding (x * mul and + shift are not fused).
+        output: the same arithmetic but for one rounding (the product x * mul is rounded before
+        the shift is added, where XLA's fused multiply-add rounds once).
         """
         if add is not None and not self.relu:
             raise ValueError("BatchNorm adds a tensor only before its ReLU (relu=True)")
@@ -81,7 +82,8 @@ class BatchNorm(nn.Module):
         if self.use_running_average:
             mul = scale * lax.rsqrt(ra_var.value + self.epsilon)
             shift = bias - ra_mean.value * mul
-            if conv is not None and self.dtype == jnp.float32 and conv.takes_affine(x, add):
+            float32 = jnp.dtype(self.dtype) == jnp.float32
+            if conv is not None and float32 and conv.takes_affine(x, add):
                 return conv(x, affine=(mul, shift), add=add, relu=self.relu)
             x = x if conv is None else conv(x)
             return self._activate((x.astype(jnp.float32) * mul + shift).astype(self.dtype), add)

@@ -143,26 +143,24 @@ class Conv(nn.Module):
     dtype: Any = jnp.float32
     kernel_init: Callable = he_fan_out
 
-    def _impl(self, x_shape) -> str:
-        """What `conv2d` runs this conv as for an input of `x_shape` (`auto` resolved)."""
+    def _kernel_shape(self, x_shape) -> tuple[int, int, int, int]:
         k = self.kernel_size
-        kernel_shape = (k, k, x_shape[-1] // self.groups, self.features)
-        impl = self.impl if self.groups > 1 else self.dense or dense_impl(self.impl)
-        return resolve_impl(impl, x_shape, kernel_shape, self.strides, self.groups)
+        return (k, k, x_shape[-1] // self.groups, self.features)
 
     def takes_affine(self, x, add=None) -> bool:
         """Whether `__call__` can apply an inference batch norm (`affine`), `add` and a ReLU in
-        the conv's own oneDNN call (`onednn.conv_affine_applies`): a float32 conv that runs on
-        oneDNN here."""
-        k = self.kernel_size
-        kernel_shape = (k, k, x.shape[-1] // max(self.groups, 1), self.features)
+        the conv's own oneDNN call: a float32 conv that `auto` (or `onednn`) runs on oneDNN
+        here, where `onednn.conv_affine_applies`."""
+        kernel_shape = self._kernel_shape(x.shape)
+        impl = self.impl if self.groups > 1 else self.dense or dense_impl(self.impl)
+        padding = self.kernel_size // 2
         return (
-            self.dtype == jnp.float32
+            jnp.dtype(self.dtype) == jnp.float32
             and x.dtype == jnp.float32
             and (add is None or add.dtype == jnp.float32)
             and onednn_on_this_backend()
-            and self._impl(x.shape) == "onednn"
-            and onednn.conv_affine_applies(kernel_shape, self.strides, k // 2, self.groups)
+            and resolve_impl(impl, x.shape, kernel_shape, self.strides, self.groups) == "onednn"
+            and onednn.conv_affine_applies(kernel_shape, self.strides, padding, self.groups)
         )
 
     @nn.compact
@@ -177,9 +175,7 @@ class Conv(nn.Module):
                 f"{in_features} and the output width {self.features}"
             )
         k = self.kernel_size
-        kernel = self.param(
-            "kernel", self.kernel_init, (k, k, in_features // self.groups, self.features)
-        )
+        kernel = self.param("kernel", self.kernel_init, self._kernel_shape(x.shape))
         if affine is not None:
             if not self.takes_affine(x, add):
                 raise ValueError(f"{self.name}: this conv cannot apply an affine map itself "

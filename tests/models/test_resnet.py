@@ -394,9 +394,9 @@ def _random_norms(variables, key):
      pytest.param("grouped", {"form": "paths"}, marks=pytest.mark.slow)],
 )  # fmt: skip
 def test_inference_runs_each_batch_norm_inside_its_conv(variant, kwargs, tiny_batch, monkeypatch):
-    """In inference every conv's batch norm, residual add and ReLU run in the conv's oneDNN call
-    (onednn.conv_affine), but for the narrow kernel's; logits and input gradients match the conv and batch norm run apart
-    (RESNEXT_JAX_ONEDNN_AFFINE=0) and XLA's (`xla_auto`) to a rounding."""
+    """In inference each conv but the narrow kernel's takes in its batch norm, residual add
+    and ReLU (onednn.conv_affine); logits and input gradients match those of the layers run
+    apart (RESNEXT_JAX_ONEDNN_AFFINE=0) and of XLA's (`xla_auto`) to a rounding."""
     from resnext_jax.models import inspector
     from resnext_jax.ops import onednn
 

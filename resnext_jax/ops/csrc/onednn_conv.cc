@@ -1,6 +1,8 @@
-// Grouped 2-D convolution on CPU through oneDNN, as three XLA FFI handlers: the forward conv,
-// its input gradient and its kernel gradient. resnext_jax/ops/onednn.py builds this file,
-// registers the handlers and calls them from its `grouped_conv`.
+// Grouped 2-D convolution on CPU through oneDNN, as XLA FFI handlers: the forward conv, its
+// input gradient and its kernel gradient, a 1x1 conv's kernel gradient as a matmul, and an
+// inference conv that applies the batch norm after it (with a residual add and a ReLU) as
+// post-ops. resnext_jax/ops/onednn.py builds this file, registers the handlers and calls them
+// from its `grouped_conv` and `conv_affine`.
 //
 // Layouts are this project's: NHWC activations, and the (kh, kw, in/groups, out) kernel that
 // flax's `nn.Conv(feature_group_count=groups)` stores, with output channel g*(out/groups)+o
@@ -171,7 +173,9 @@ struct Affine {
   bool add, relu;
   auto key() const { return std::tuple_cat(conv.key(), std::tie(add, relu)); }
   bool operator<(const Affine& o) const { return key() < o.key(); }
-  memory::desc channels() const { return {{1, conv.out, 1, 1}, memory::data_type::f32, Tag::nhwc}; }
+  memory::desc channels() const {
+    return {{1, conv.out, 1, 1}, memory::data_type::f32, Tag::nhwc};
+  }
 };
 
 struct AffinePrimitives {
@@ -195,13 +199,15 @@ struct AffinePrimitives {
 };
 
 ffi::Error ForwardAffine(Data x, Data kernel, F32 mul, F32 shift, ffi::RemainingArgs rest,
-                         DataResult y, int64_t stride, int64_t padding, int64_t groups, bool relu) {
+                         DataResult y, int64_t stride, int64_t padding, int64_t groups,
+                         bool relu) {
   auto p = MakeProblem(x, kernel, *y, stride, padding, groups);
   if (p.has_error()) return p.error();
   if (p->dt != memory::data_type::f32)
     return ffi::Error::InvalidArgument("onednn conv affine: float32 only");
   if (mul.element_count() != p->out || shift.element_count() != p->out)
-    return ffi::Error::InvalidArgument("onednn conv affine: mul and shift need one value a channel");
+    return ffi::Error::InvalidArgument(
+        "onednn conv affine: mul and shift need one value a channel");
   if (rest.size() > 1)
     return ffi::Error::InvalidArgument("onednn conv affine: at most one tensor to add");
   const void* add = nullptr;
@@ -209,8 +215,10 @@ ffi::Error ForwardAffine(Data x, Data kernel, F32 mul, F32 shift, ffi::Remaining
     auto a = rest.get<Data>(0);
     if (a.has_error()) return a.error();
     const auto ad = a->dimensions(), yd = y->dimensions();
-    if (a->element_type() != ffi::DataType::F32 || !std::equal(ad.begin(), ad.end(), yd.begin(), yd.end()))
-      return ffi::Error::InvalidArgument("onednn conv affine: the tensor to add must be the output's shape and type");
+    if (a->element_type() != ffi::DataType::F32 ||
+        !std::equal(ad.begin(), ad.end(), yd.begin(), yd.end()))
+      return ffi::Error::InvalidArgument(
+          "onednn conv affine: the tensor to add must be the output's shape and type");
     add = a->untyped_data();
   }
   const Affine problem{*p, add != nullptr, relu};

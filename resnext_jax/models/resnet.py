@@ -82,8 +82,7 @@ class BatchNorm(nn.Module):
         if self.use_running_average:
             mul = scale * lax.rsqrt(ra_var.value + self.epsilon)
             shift = bias - ra_mean.value * mul
-            float32 = jnp.dtype(self.dtype) == jnp.float32
-            if conv is not None and float32 and conv.takes_affine(x, add):
+            if conv is not None and conv.dtype == self.dtype and conv.takes_affine(x, add):
                 return conv(x, affine=(mul, shift), add=add, relu=self.relu)
             x = x if conv is None else conv(x)
             return self._activate((x.astype(jnp.float32) * mul + shift).astype(self.dtype), add)

@@ -149,18 +149,19 @@ class Conv(nn.Module):
 
     def takes_affine(self, x, add=None) -> bool:
         """Whether `__call__` can apply an inference batch norm (`affine`), `add` and a ReLU in
-        the conv's own oneDNN call: a float32 conv that `auto` (or `onednn`) runs on oneDNN
-        here, where `onednn.conv_affine_applies`."""
+        the conv's own oneDNN call: a conv that `auto` (or `onednn`) runs on oneDNN here, in a
+        dtype oneDNN runs natively (float32, or bfloat16 on AVX-512; `x` is cast to it, as
+        always, and `add` must be in it), where `onednn.conv_affine_applies`."""
         kernel_shape = self._kernel_shape(x.shape)
         impl = self.impl if self.groups > 1 else self.dense or dense_impl(self.impl)
         padding = self.kernel_size // 2
+        dtype = jnp.dtype(self.dtype)
         return (
-            jnp.dtype(self.dtype) == jnp.float32
-            and x.dtype == jnp.float32
-            and (add is None or add.dtype == jnp.float32)
-            and onednn_on_this_backend()
+            onednn_on_this_backend()
+            and dtype in onednn.native_dtypes()
+            and (add is None or add.dtype == dtype)
             and resolve_impl(impl, x.shape, kernel_shape, self.strides, self.groups) == "onednn"
-            and onednn.conv_affine_applies(kernel_shape, self.strides, padding, self.groups)
+            and onednn.conv_affine_applies(kernel_shape, self.strides, padding, self.groups, dtype)
         )
 
     @nn.compact
@@ -181,6 +182,7 @@ class Conv(nn.Module):
                 raise ValueError(f"{self.name}: this conv cannot apply an affine map itself "
                                  "(Conv.takes_affine)")  # fmt: skip
             mul, shift = affine
+            x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
             return onednn.conv_affine(x, kernel, mul, shift, self.strides, k // 2, self.groups,
                                       add=add, relu=relu)  # fmt: skip
         if add is not None or relu:

@@ -353,14 +353,14 @@ def forward(x, kernel, strides, padding, groups):
 AFFINE_SWITCH = "RESNEXT_JAX_ONEDNN_AFFINE"  # 0: inference batch norms as XLA passes
 
 
-def conv_affine_applies(kernel_shape, strides, padding, groups) -> bool:
-    """Whether `conv_affine` runs this conv: wherever oneDNN's forward primitive would
-    (`narrow_conv_passes` leaves it there; the narrow kernel's convs keep their own forward),
-    unless `RESNEXT_JAX_ONEDNN_AFFINE=0`, read when a step is traced."""
+def conv_affine_applies(kernel_shape, strides, padding, groups, dtype=np.float32) -> bool:
+    """Whether `conv_affine` runs this conv in `dtype`: wherever oneDNN's forward primitive
+    would (`narrow_conv_passes` leaves it there; the narrow kernel's convs keep their own
+    forward), unless `RESNEXT_JAX_ONEDNN_AFFINE=0`, read when a step is traced."""
     return (
         os.environ.get(AFFINE_SWITCH, "1") != "0"
         and available()
-        and not narrow_conv_passes(kernel_shape, strides, padding, groups, np.float32)[0]
+        and not narrow_conv_passes(kernel_shape, strides, padding, groups, dtype)[0]
     )
 
 
@@ -368,14 +368,15 @@ def conv_affine(x, kernel, mul, shift, strides, padding, groups=1, add=None, rel
     """relu(conv(x, kernel) * mul + shift + add) (`add` and the ReLU optional), an inference
     batch norm after a conv, in one oneDNN call: the affine map, the add and the ReLU run as
     post-ops on each output tile while it is in registers, so none makes a pass over memory.
-    float32; `mul` and `shift` hold one value an output channel. `x * mul + shift` rounds twice
-    where XLA's fused multiply-add rounds once. The gradient recomputes the conv
-    (`grouped_conv`) and differentiates the same expression in jax.numpy."""
+    `x`, `kernel` and `add` float32 or bfloat16 (one of them); `mul` and `shift` hold one value
+    an output channel, in float32. In float32, `x * mul + shift` rounds twice where XLA's fused
+    multiply-add rounds once. In bfloat16 the post-ops run on the float32 accumulator and the
+    output is rounded to bfloat16 once, where the layers run apart round the conv's output, the
+    normalized value and the sum each. The gradient recomputes the conv (`grouped_conv`) and
+    differentiates the same expression in jax.numpy."""
     require()
     operands = (x, kernel) if add is None else (x, kernel, add)
     _check_dtypes("conv affine", *operands)
-    if np.dtype(x.dtype) != np.float32:
-        raise TypeError(f"the onednn conv affine runs float32 only, got {x.dtype}")
     mul, shift = jnp.asarray(mul, jnp.float32), jnp.asarray(shift, jnp.float32)
     return _conv_affine(x, kernel, mul, shift, add, strides, padding, groups, bool(relu))
 
@@ -393,9 +394,10 @@ def _conv_affine(x, kernel, mul, shift, add, strides, padding, groups, relu):
 
 
 def _conv_affine_unfused(x, kernel, mul, shift, add, strides, padding, groups, relu):
-    y = grouped_conv(x, kernel, strides, padding, groups) * mul + shift
-    y = y if add is None else y + add
-    return jnp.where(y > 0, y, 0) if relu else y  # the gradient at 0 is 0, as ops.activation's
+    y = grouped_conv(x, kernel, strides, padding, groups).astype(jnp.float32) * mul + shift
+    y = y if add is None else y + add.astype(jnp.float32)
+    y = jnp.where(y > 0, y, 0) if relu else y  # the gradient at 0 is 0, as ops.activation's
+    return y.astype(x.dtype)
 
 
 def _conv_affine_fwd(x, kernel, mul, shift, add, strides, padding, groups, relu):

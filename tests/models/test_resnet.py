@@ -388,6 +388,7 @@ def _random_norms(variables, key):
 @pytest.mark.parametrize(
     "variant,kwargs",
     [("grouped", {}), ("plain", {}), ("grouped", {"lesioned": ("stage2_block0",)}),
+     ("grouped", {"dtype": "bfloat16"}),
      pytest.param("imagenet_stem", {}, marks=pytest.mark.slow),
      pytest.param("basic", {}, marks=pytest.mark.slow),
      pytest.param("grouped", {"form": "concat"}, marks=pytest.mark.slow),
@@ -396,7 +397,9 @@ def _random_norms(variables, key):
 def test_inference_runs_each_batch_norm_inside_its_conv(variant, kwargs, tiny_batch, monkeypatch):
     """In inference each conv but the narrow kernel's takes in its batch norm, residual add
     and ReLU (onednn.conv_affine); logits and input gradients match those of the layers run
-    apart (RESNEXT_JAX_ONEDNN_AFFINE=0) and of XLA's (`xla_auto`) to a rounding."""
+    apart (RESNEXT_JAX_ONEDNN_AFFINE=0) and of XLA's (`xla_auto`) to a rounding; in bfloat16,
+    where the layers run apart round three times more, those of the layers run apart to
+    bfloat16's precision."""
     from resnext_jax.models import inspector
     from resnext_jax.ops import onednn
 
@@ -405,9 +408,17 @@ def test_inference_runs_each_batch_norm_inside_its_conv(variant, kwargs, tiny_ba
     if variant == "imagenet_stem":
         tiny_batch = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
     results = {}
-    for impl, fused in (("auto", "1"), ("auto", "0"), ("xla_auto", "1")):
-        monkeypatch.setenv(onednn.AFFINE_SWITCH, fused)
-        model = build_model(name, conv_impl=impl, **base, **kwargs)
+    bfloat16 = kwargs.get("dtype") == "bfloat16"
+    if bfloat16 and not onednn.bfloat16_native():
+        pytest.skip("no bfloat16 kernels on this CPU")
+    # In bfloat16, against float32: the fused and unfused layers' distances from it.
+    runs = (("auto", "1"), ("auto", "0")) + (
+        (("auto", "f32"),) if bfloat16 else (("xla_auto", "1"),)
+    )
+    for impl, fused in runs:
+        monkeypatch.setenv(onednn.AFFINE_SWITCH, "0" if fused == "f32" else fused)
+        dtype = {"dtype": "float32"} if fused == "f32" else {}
+        model = build_model(name, conv_impl=impl, **base, **{**kwargs, **dtype})
         variables = _random_norms(init(model, tiny_batch), jax.random.key(2))
 
         def loss(x, model=model, variables=variables):
@@ -432,6 +443,13 @@ def test_inference_runs_each_batch_norm_inside_its_conv(variant, kwargs, tiny_ba
             assert calls == 0
     want_logits, want_grad = results["auto", "0"]
     assert float(jnp.std(want_logits, axis=0).mean()) > 1e-3  # the images are told apart
+    if bfloat16:  # the fused layers round less: no farther from float32 than the unfused
+        for got, unfused, want in zip(results["auto", "1"], results["auto", "0"],
+                                      results["auto", "f32"], strict=True):  # fmt: skip
+            got, unfused = got.astype(jnp.float32), unfused.astype(jnp.float32)
+            error, unfused_error = _relative_error(got, want), _relative_error(unfused, want)
+            assert error <= 1.5 * unfused_error + 0.01, (error, unfused_error)
+        return
     for got_logits, got_grad in (results["auto", "1"], results["xla_auto", "1"]):
         scale = float(jnp.abs(want_logits).max())
         np.testing.assert_allclose(got_logits, want_logits, rtol=1e-5, atol=1e-5 * scale)

@@ -731,36 +731,19 @@ def _xla_conv(x, kernel, strides, padding, groups):
 def test_conv_affine_is_the_conv_then_the_affine_map_add_and_relu(
     x_shape, kernel_shape, strides, groups, add, relu
 ):
-    """Bit for bit oneDNN's own conv followed by y * mul, + shift, + add and the ReLU, each
-    rounded to float32; within a rounding of XLA's conv and fused multiply-add; and the
+    """float32: bit for bit oneDNN's own conv followed by y * mul, + shift, + add and the ReLU,
+    each rounded to float32; within a rounding of XLA's conv and fused multiply-add; and the
     gradients of that XLA formulation."""
-    keys = jax.random.split(jax.random.key(0), 6)
-    x = jax.random.normal(keys[0], x_shape)
-    kernel = jax.random.normal(keys[1], kernel_shape) * 0.2
-    out = kernel_shape[3]
-    mul = jax.random.uniform(keys[2], (out,), minval=0.5, maxval=1.5)
-    shift = jax.random.normal(keys[3], (out,))
-    padding = kernel_shape[0] // 2
-    y_shape = onednn.output_shape(x_shape, kernel_shape, strides, padding)
-    extra = jax.random.normal(keys[4], y_shape) if add else None
-
-    def fused(x, kernel, mul, shift, extra):
-        return onednn.conv_affine(x, kernel, mul, shift, strides, padding, groups, extra, relu)
-
-    def xla(x, kernel, mul, shift, extra):
-        y = _xla_conv(x, kernel, strides, padding, groups) * mul + shift
-        y = y if extra is None else y + extra
-        return jnp.where(y > 0, y, 0) if relu else y
-
+    x, kernel, mul, shift, extra, dy = _affine_operands(x_shape, kernel_shape, strides, add)
+    fused, xla = _affine_pair(strides, kernel_shape[0] // 2, groups, relu)
     got = np.asarray(jax.jit(fused)(x, kernel, mul, shift, extra))
-    y = np.asarray(onednn.forward(x, kernel, strides, padding, groups)) * np.asarray(mul)
-    y = y + np.asarray(shift)
+    y = np.asarray(onednn.forward(x, kernel, strides, kernel_shape[0] // 2, groups))
+    y = y * np.asarray(mul) + np.asarray(shift)
     y = y if extra is None else y + np.asarray(extra)
     np.testing.assert_array_equal(got, np.maximum(y, 0) if relu else y)
     want = np.asarray(jax.jit(xla)(x, kernel, mul, shift, extra))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
 
-    dy = jax.random.normal(keys[5], y_shape)
     grads = jax.vjp(fused, x, kernel, mul, shift, extra)[1](dy)
     want_grads = jax.vjp(xla, x, kernel, mul, shift, extra)[1](dy)
     assert (grads[4] is None) == (extra is None)
@@ -769,11 +752,65 @@ def test_conv_affine_is_the_conv_then_the_affine_map_add_and_relu(
 
 
 @needs_onednn
+@pytest.mark.skipif(not onednn.bfloat16_native(), reason="no bfloat16 kernels on this CPU")
+@pytest.mark.parametrize("add", [False, True], ids=["no_add", "add"])
+@pytest.mark.parametrize(
+    "x_shape,kernel_shape,strides,groups",
+    [((2, 9, 11, 16), (1, 1, 16, 32), 2, 1), ((2, 8, 8, 12), (3, 3, 3, 12), 1, 4)],
+)
+def test_bfloat16_conv_affine_rounds_once(x_shape, kernel_shape, strides, groups, add):
+    """bfloat16: the affine map, add and ReLU run on the float32 accumulator and the output is
+    rounded once, so it is the float32 result on the same bfloat16 inputs, rounded (up to the
+    summation order); the gradients are those of the layers run apart in bfloat16."""
+    bf16 = jnp.bfloat16
+    x, kernel, mul, shift, extra, dy = _affine_operands(x_shape, kernel_shape, strides, add, bf16)
+    fused, xla = _affine_pair(strides, kernel_shape[0] // 2, groups, True)
+    got = jax.jit(fused)(x, kernel, mul, shift, extra)
+    assert got.dtype == bf16
+    f32 = [None if a is None else a.astype(jnp.float32) for a in (x, kernel, extra)]
+    want = jax.jit(fused)(f32[0], f32[1], mul, shift, f32[2])
+    assert _ulps_apart(got, want.astype(bf16)) <= 2
+    grads = jax.vjp(fused, x, kernel, mul, shift, extra)[1](dy)
+    want_grads = jax.vjp(xla, x, kernel, mul, shift, extra)[1](dy)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        assert g.dtype == w.dtype
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        assert np.linalg.norm(g - w) <= 0.02 * np.linalg.norm(w)
+
+
+def _affine_operands(x_shape, kernel_shape, strides, add, dtype=jnp.float32):
+    keys = jax.random.split(jax.random.key(0), 6)
+    out = kernel_shape[3]
+    y_shape = onednn.output_shape(x_shape, kernel_shape, strides, kernel_shape[0] // 2)
+    return (
+        jax.random.normal(keys[0], x_shape).astype(dtype),
+        (jax.random.normal(keys[1], kernel_shape) * 0.2).astype(dtype),
+        jax.random.uniform(keys[2], (out,), minval=0.5, maxval=1.5),
+        jax.random.normal(keys[3], (out,)),
+        jax.random.normal(keys[4], y_shape).astype(dtype) if add else None,
+        jax.random.normal(keys[5], y_shape).astype(dtype),
+    )
+
+
+def _affine_pair(strides, padding, groups, relu):
+    """`onednn.conv_affine` and the same function of XLA's conv, computed in float32."""
+
+    def fused(x, kernel, mul, shift, extra):
+        return onednn.conv_affine(x, kernel, mul, shift, strides, padding, groups, extra, relu)
+
+    def xla(x, kernel, mul, shift, extra):
+        y = _xla_conv(x, kernel, strides, padding, groups).astype(jnp.float32) * mul + shift
+        y = y if extra is None else y + extra.astype(jnp.float32)
+        return (jnp.where(y > 0, y, 0) if relu else y).astype(x.dtype)
+
+    return fused, xla
+
+
+@needs_onednn
 def test_conv_affine_checks_its_operands():
     x, kernel = jnp.ones((1, 4, 4, 16)), jnp.ones((1, 1, 16, 8))
-    with pytest.raises(TypeError, match="float32 only"):
-        onednn.conv_affine(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), jnp.ones(8),
-                           jnp.zeros(8), 1, 0)  # fmt: skip
+    with pytest.raises(TypeError, match="one of them"):
+        onednn.conv_affine(x.astype(jnp.bfloat16), kernel, jnp.ones(8), jnp.zeros(8), 1, 0)
     with pytest.raises(Exception, match="one value a channel"):
         onednn.conv_affine(x, kernel, jnp.ones(4), jnp.zeros(8), 1, 0).block_until_ready()
     with pytest.raises(Exception, match="the output's shape"):
@@ -790,5 +827,6 @@ def test_conv_affine_leaves_the_narrow_kernels_convs_alone(monkeypatch):
     assert applies((3, 3, 64, 2048), 1, 1, 32)  # 64 channels a group: oneDNN's forward
     narrow = onednn._library.ResnextNarrowConvSupported()
     assert applies((3, 3, 4, 128), 1, 1, 32) != bool(narrow)  # the narrow kernel's forward
+    assert applies((3, 3, 4, 128), 1, 1, 32, jnp.bfloat16)  # which runs float32 only
     monkeypatch.setenv(onednn.AFFINE_SWITCH, "0")
     assert not applies((1, 1, 64, 256), 1, 0, 1)

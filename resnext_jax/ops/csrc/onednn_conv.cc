@@ -167,7 +167,9 @@ ffi::Error KernelGrad(Data x, Data dy, DataResult dk, int64_t stride, int64_t pa
 // Inference: the conv, then per output channel y * mul + shift (an eval-mode batch norm),
 // optionally + add (a block's shortcut) and a ReLU, as oneDNN post-ops applied to each output
 // tile while it is in registers: the batch norm, the residual add and the ReLU need no pass of
-// their own over memory. float32 only; `mul` and `shift` are float32 vectors of `out`.
+// their own over memory. The activations, kernel and `add` float32 or bfloat16 (the post-ops run
+// on the float32 accumulator; the output is rounded once), `mul` and `shift` float32 vectors of
+// `out`.
 struct Affine {
   Problem conv;
   bool add, relu;
@@ -203,8 +205,6 @@ ffi::Error ForwardAffine(Data x, Data kernel, F32 mul, F32 shift, ffi::Remaining
                          bool relu) {
   auto p = MakeProblem(x, kernel, *y, stride, padding, groups);
   if (p.has_error()) return p.error();
-  if (p->dt != memory::data_type::f32)
-    return ffi::Error::InvalidArgument("onednn conv affine: float32 only");
   if (mul.element_count() != p->out || shift.element_count() != p->out)
     return ffi::Error::InvalidArgument(
         "onednn conv affine: mul and shift need one value a channel");
@@ -215,7 +215,7 @@ ffi::Error ForwardAffine(Data x, Data kernel, F32 mul, F32 shift, ffi::Remaining
     auto a = rest.get<Data>(0);
     if (a.has_error()) return a.error();
     const auto ad = a->dimensions(), yd = y->dimensions();
-    if (a->element_type() != ffi::DataType::F32 ||
+    if (a->element_type() != x.element_type() ||
         !std::equal(ad.begin(), ad.end(), yd.begin(), yd.end()))
       return ffi::Error::InvalidArgument(
           "onednn conv affine: the tensor to add must be the output's shape and type");

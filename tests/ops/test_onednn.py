@@ -714,10 +714,6 @@ def test_the_pointwise_kernel_grad_checks_its_shapes():
         onednn.pointwise_kernel_grad(x.astype(jnp.float16), dy.astype(jnp.float16))
 
 
-def _xla_conv(x, kernel, strides, padding, groups):
-    return conv.xla_convs.native(x, kernel, strides, padding, groups)
-
-
 @needs_onednn
 @pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
 @pytest.mark.parametrize("add", [False, True], ids=["no_add", "add"])
@@ -799,7 +795,8 @@ def _affine_pair(strides, padding, groups, relu):
         return onednn.conv_affine(x, kernel, mul, shift, strides, padding, groups, extra, relu)
 
     def xla(x, kernel, mul, shift, extra):
-        y = _xla_conv(x, kernel, strides, padding, groups).astype(jnp.float32) * mul + shift
+        y = conv.xla_convs.native(x, kernel, strides, padding, groups).astype(jnp.float32)
+        y = y * mul + shift
         y = y if extra is None else y + extra.astype(jnp.float32)
         return (jnp.where(y > 0, y, 0) if relu else y).astype(x.dtype)
 

@@ -8,8 +8,10 @@ A shape is NxHxWxC[:gGROUP] (GROUP images per batch statistic, as model.bn_group
 default, the whole batch when it holds fewer). Each row times the forward and backward of
 `BatchNorm(relu=True)` with XLA's formulation and with oneDNN's primitives, interleaved in one
 process, in the compute dtype `--dtype` (parameters and statistics float32), and marks the
-one `BatchNorm(impl="auto")` picks. A third column times oneDNN's with the ReLU's gradient
-as a separate XLA pass (onednn.RELU_GRAD_SWITCH=0) instead of inside oneDNN's backward.
+one `BatchNorm(impl="auto")` picks ("auto": this project's own kernel where
+`onednn.own_norm_applies`, else oneDNN's primitives). Two more columns time auto's with
+oneDNN's primitives instead of the own kernel (onednn.OWN_NORM_SWITCH=0), and with the ReLU's
+gradient as a separate XLA pass (onednn.RELU_GRAD_SWITCH=0) instead of inside the backward.
 docs/benchmarks.md has the tables behind that rule.
 """
 
@@ -51,7 +53,7 @@ def parse_shape(spec):
     return shape, int(group[1:]) if group else 32
 
 
-def _grad_fn(shape, group, impl, dtype, fused_relu_grad=True):
+def _grad_fn(shape, group, impl, dtype, fused_relu_grad=True, own=True):
     x = jax.random.normal(jax.random.key(0), shape).astype(dtype)
     dy = jax.random.normal(jax.random.key(1), shape).astype(dtype)
     bn = BatchNorm(group_size=group, impl=impl, relu=True, dtype=dtype)
@@ -64,7 +66,8 @@ def _grad_fn(shape, group, impl, dtype, fused_relu_grad=True):
     # Compiled as the trainer compiles its step (resnext_jax.devices.runtime.compiler_options).
     jit = jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=runtime.compiler_options())
     args = (variables["params"], x)
-    switch = {onednn.RELU_GRAD_SWITCH: "1" if fused_relu_grad else "0"}
+    switch = {onednn.RELU_GRAD_SWITCH: "1" if fused_relu_grad else "0",
+              onednn.OWN_NORM_SWITCH: "1" if own else "0"}  # fmt: skip
     with mock.patch.dict(os.environ, switch):  # read when tracing: compiled here
         return jit.lower(*args).compile(), args
 
@@ -72,6 +75,7 @@ def _grad_fn(shape, group, impl, dtype, fused_relu_grad=True):
 def bench_shape(spec, reps, dtype=jnp.float32):
     shape, group = parse_shape(spec)
     runs = {impl: _grad_fn(shape, group, impl, dtype) for impl in ("xla", "auto")}
+    runs["primitives"] = _grad_fn(shape, group, "auto", dtype, own=False)
     runs["unfused"] = _grad_fn(shape, group, "auto", dtype, fused_relu_grad=False)
     for fn, args in runs.values():  # compile and warm up
         jax.block_until_ready(fn(*args))
@@ -86,9 +90,9 @@ def bench_shape(spec, reps, dtype=jnp.float32):
     pick = "onednn" if onednn_batch_norm_pays(groups, dtype) else "xla"
     cells = [f"{ms['xla']:.2f}" + (" (auto)" if pick == "xla" else ""),
              f"{ms['auto']:.2f}" + (" (auto)" if pick == "onednn" else ""),
-             f"{ms['unfused']:.2f}"]  # fmt: skip
-    return (f"| {spec} | {groups} | " + " | ".join(cells)
-            + f" | {ms['auto'] / ms['xla']:.2f} | {ms['auto'] / ms['unfused']:.2f} |")  # fmt: skip
+             f"{ms['primitives']:.2f}", f"{ms['unfused']:.2f}"]  # fmt: skip
+    ratios = (ms["auto"] / ms[other] for other in ("xla", "primitives", "unfused"))
+    return f"| {spec} | {groups} | " + " | ".join(cells + [f"{r:.2f}" for r in ratios]) + " |"
 
 
 def main(argv=None):
@@ -101,8 +105,8 @@ def main(argv=None):
         parser.error(f"oneDNN is unavailable: {onednn.unavailable_reason()}")
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {runtime.allocator()}, "
           f"{runtime.xla_cpu_fusions()}, {args.dtype}, fwd+bwd ms (median)")  # fmt: skip
-    print("| shape | groups | xla ms | onednn ms | onednn, ReLU grad in XLA ms | onednn / xla "
-          "| onednn / ReLU grad in XLA |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+    print("| shape | groups | xla ms | onednn ms | oneDNN's primitives ms | ReLU grad in XLA ms "
+          "| onednn / xla | onednn / primitives | onednn / ReLU grad in XLA |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for spec in args.shapes.split(","):
         print(bench_shape(spec, args.reps, jnp.dtype(args.dtype)), flush=True)

@@ -46,9 +46,9 @@ class BatchNorm(nn.Module):
     keeps them replicated and equal to those of one device holding the whole batch.
 
     `impl`: "auto" computes a training-mode float32 or bfloat16 batch norm over one group per
-    device with oneDNN's batch-norm primitives (resnext_jax.ops.onednn.batch_norm,
-    `onednn_batch_norm_pays`) where the `onednn` conv impl can run; anything else, and "xla",
-    computes it in jax.numpy (in float32, the output cast to `dtype`).
+    device with resnext_jax.ops.onednn.batch_norm (this project's own kernel, or oneDNN's
+    batch-norm primitives; `onednn_batch_norm_pays`) where the `onednn` conv impl can run;
+    anything else, and "xla", computes it in jax.numpy (in float32, the output cast to `dtype`).
     `relu` applies a ReLU to the output; `add` (at call time) adds a tensor before it.
     """
 

@@ -9,7 +9,9 @@ gradient as one matmul (`pointwise_matmul_applies`); `onednn_norm.cc` the
 training-mode batch norm over groups of images, optionally followed by a ReLU or by a residual
 add and a ReLU, and its backward; `onednn_pool.cc` max pooling and its backward. Beside them,
 `narrow_conv.cc` is this project's own AVX-512 kernel for the 3x3 convs, stride 1 or 2, of
-4- to 32-channel groups, where oneDNN's is slow (`narrow_conv_passes`).
+4- to 32-channel groups, where oneDNN's is slow (`narrow_conv_passes`), and `batch_norm.cc` its
+own training-mode batch norm, which `batch_norm` runs instead of oneDNN's where
+`own_norm_applies`.
 
 The wrapper is compiled on first use with the system C++ compiler (`$CXX`, a command line such
 as `ccache g++`, else `c++`) against the oneDNN headers and library that requirements.txt
@@ -66,6 +68,7 @@ SOURCES = (
     CSRC / "onednn_norm.cc",
     CSRC / "onednn_pool.cc",
     CSRC / "narrow_conv.cc",
+    CSRC / "batch_norm.cc",
 )
 HEADERS = (CSRC / "onednn_common.h",)
 SWITCH = "RESNEXT_JAX_ONEDNN"
@@ -73,6 +76,7 @@ FOLD_SWITCH = "RESNEXT_JAX_ONEDNN_FOLD"  # 0: no folded kernel gradients (kernel
 # 0: batch_norm's ReLU gradient as a separate XLA pass instead of inside oneDNN's backward
 RELU_GRAD_SWITCH = "RESNEXT_JAX_ONEDNN_NORM_RELU"
 NARROW_SWITCH = "RESNEXT_JAX_NARROW_CONV"  # 0: oneDNN for the convs narrow_conv_applies to
+OWN_NORM_SWITCH = "RESNEXT_JAX_OWN_NORM"  # 0: oneDNN's batch norm where own_norm_applies
 # Channels a group (in and out) csrc/narrow_conv.cc computes the forward and input gradient
 # of, and of those the kernel gradient.
 NARROW_WIDTHS = (4, 8, 16, 32)
@@ -89,6 +93,8 @@ TARGETS = {
     "conv_kernel_grad": "ResnextOnednnConvKernelGrad",
     "norm_forward": "ResnextOnednnNormForward",
     "norm_backward": "ResnextOnednnNormBackward",
+    "own_norm_forward": "ResnextNormForward",
+    "own_norm_backward": "ResnextNormBackward",
     "pool_forward": "ResnextOnednnPoolForward",
     "pool_backward": "ResnextOnednnPoolBackward",
     "narrow_conv": "ResnextNarrowConv",
@@ -271,6 +277,7 @@ def _load() -> str | None:
     library.ResnextOnednnPoolWorkspaceBytes.argtypes = [ctypes.c_int64] * 8
     library.ResnextOnednnBfloat16Supported.restype = ctypes.c_int
     library.ResnextNarrowConvSupported.restype = ctypes.c_int
+    library.ResnextNormSupported.restype = ctypes.c_int
     _library = library
     for target, symbol in TARGETS.items():
         capsule = jax.ffi.pycapsule(getattr(library, symbol))
@@ -680,27 +687,49 @@ def _workspace_bytes(x_shape, dtype, groups, epsilon, mode) -> int:
     return size
 
 
+def own_norm_applies(channels: int) -> bool:
+    """Whether `batch_norm` runs on this project's own kernel (csrc/batch_norm.cc) instead of
+    oneDNN's primitives: channels a multiple of 16, on a CPU with AVX-512 (F, BW and VL).
+    oneDNN 3.2's batch norm took about twice torch's time on the same tensors; this one makes
+    torch's passes over memory and applies the residual add in its output pass
+    (docs/benchmarks.md, "Batch norm, a kernel of our own"). `RESNEXT_JAX_OWN_NORM=0`, read
+    when a step is traced, keeps oneDNN's.
+    """
+    return (
+        channels % 16 == 0
+        and os.environ.get(OWN_NORM_SWITCH, "1") != "0"
+        and available()
+        and bool(_library.ResnextNormSupported())
+    )
+
+
 def _norm_forward(x, scale, bias, add, groups, epsilon, relu):
+    """(y, mean, var, workspace, own): `own` whether the own kernel ran, `workspace` its ReLU
+    bits (one a element, where a ReLU follows) or oneDNN's workspace."""
     mode = ADD_RELU if add is not None else RELU if relu else PLAIN
+    own = own_norm_applies(x.shape[-1])
     if add is None:
         add = jnp.zeros((0,), x.dtype)  # the call's addend slot, empty
     x, add, scale, bias = _norm_operands((x, add), (scale, bias))
     stats = _typed(x, (groups, x.shape[-1]))
-    # An output XLA allocates (and frees) with the step's buffers; nothing reads it.
-    size = groups * _workspace_bytes(x.shape, x.dtype, groups, epsilon, mode)
+    if own:
+        size = 0 if mode == PLAIN else x.size // 8
+    else:  # an output XLA allocates (and frees) with the step's buffers
+        size = groups * _workspace_bytes(x.shape, x.dtype, groups, epsilon, mode)
     workspace = _typed(x, (size,), np.uint8)
     call = jax.ffi.ffi_call(
-        _name("norm_forward"),
+        _name("own_norm_forward" if own else "norm_forward"),
         (_typed(x, x.shape, x.dtype), stats, stats, workspace),
         vmap_method="sequential",
     )
-    return call(x, scale, bias, add, groups=np.int64(groups), epsilon=np.float32(epsilon),
+    outs = call(x, scale, bias, add, groups=np.int64(groups), epsilon=np.float32(epsilon),
                 mode=np.int64(mode))  # fmt: skip
+    return (*outs, own)
 
 
 def relu_grad_fused() -> bool:
-    """Whether batch_norm's backward applies its ReLU's gradient inside oneDNN's primitive,
-    from the bit mask its forward wrote (RELU_GRAD_SWITCH, read when a step is traced)."""
+    """Whether batch_norm's backward applies its ReLU's gradient inside its kernel, from the
+    bit mask its forward wrote (RELU_GRAD_SWITCH, read when a step is traced)."""
     return os.environ.get(RELU_GRAD_SWITCH, "1") != "0"
 
 
@@ -710,21 +739,25 @@ def _batch_norm(x, scale, bias, add, groups, epsilon, relu):
 
 
 def _batch_norm_fwd(x, scale, bias, add, groups, epsilon, relu):
-    y, mean, var, workspace = _norm_forward(x, scale, bias, add, groups, epsilon, relu)
+    y, mean, var, workspace, own = _norm_forward(x, scale, bias, add, groups, epsilon, relu)
     # The statistics are kept as a copy, for the backward only. The ReLU's gradient is applied
-    # by the backward primitive from the forward's bit mask (1/32 of a float32 output), or
-    # else by an XLA pass masking with the output, which the next layer keeps anyway. After
-    # the residual add it is always the latter: the masked gradient is also the addend's.
+    # by the backward kernel from the forward's bit mask (1/32 of a float32 output), or else by
+    # an XLA pass masking with the output, which the next layer keeps anyway. After the
+    # residual add, oneDNN's path always takes the latter (its backward cannot write the masked
+    # gradient, which is also the addend's); the own kernel writes it.
     stats = jnp.stack([mean, var])
-    fused = relu and add is None and relu_grad_fused()
-    mask = y if (relu or add is not None) and not fused else None
-    added = () if add is not None else None  # a leafless marker: static, unlike a bool
-    return (y, mean, var), (x, scale, stats, mask, workspace if fused else None, added)
+    relu = relu or add is not None
+    fused = relu and (add is None or own) and relu_grad_fused()
+    mask = y if relu and not fused else None
+    # Leafless markers: static, unlike bools.
+    added = () if add is not None else None
+    own = () if own else None
+    return (y, mean, var), (x, scale, stats, mask, workspace if fused else None, added, own)
 
 
 def _batch_norm_bwd(groups, epsilon, relu, residuals, cotangents):
-    x, scale, stats, y, workspace, added = residuals
-    added = added is not None
+    x, scale, stats, y, workspace, added, own = residuals
+    added, own = added is not None, own is not None
     dy = cotangents[0]  # the statistics' cotangents are zero: batch_norm stops their gradient
     if y is not None:
         dy = jnp.where(y > 0, dy, 0)  # jax.nn.relu's gradient: 0 where the input was <= 0
@@ -732,6 +765,19 @@ def _batch_norm_bwd(groups, epsilon, relu, residuals, cotangents):
     fused = workspace is not None
     workspace = parallel.vary_like(workspace if fused else jnp.zeros((0,), np.uint8), x)
     param = _typed(x, scale.shape)
+    attrs = dict(groups=np.int64(groups), epsilon=np.float32(epsilon))
+    if own:
+        # The masked dy (the addend's gradient) overwrites dy after a residual add; else dx does.
+        masked = added and fused
+        call = jax.ffi.ffi_call(
+            _name("own_norm_backward"),
+            (_typed(x, x.shape, x.dtype), param, param,
+             _typed(x, x.shape if masked else (0,), x.dtype)),
+            vmap_method="sequential",
+            input_output_aliases={1: 3} if masked else None if added else {1: 0},
+        )  # fmt: skip
+        dx, dscale, dbias, dadd = call(x, dy, scale, stats, workspace, **attrs)
+        return dx, dscale, dbias, (dadd if masked else dy) if added else None
     # dx overwrites dy (oneDNN's backward runs in place) unless the addend's gradient needs it.
     call = jax.ffi.ffi_call(
         _name("norm_backward"),
@@ -739,8 +785,7 @@ def _batch_norm_bwd(groups, epsilon, relu, residuals, cotangents):
         vmap_method="sequential",
         input_output_aliases=None if added else {1: 0},
     )
-    dx, dscale, dbias = call(x, dy, scale, stats, workspace, groups=np.int64(groups),
-                             epsilon=np.float32(epsilon), relu=np.int64(fused))  # fmt: skip
+    dx, dscale, dbias = call(x, dy, scale, stats, workspace, **attrs, relu=np.int64(fused))
     return dx, dscale, dbias, dy if added else None
 
 
@@ -748,14 +793,15 @@ _batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
 def batch_norm(x, scale, bias, groups: int, epsilon: float, relu: bool = False, add=None):
-    """oneDNN's training-mode batch norm of NHWC `x` over `groups` groups of images.
+    """Training-mode batch norm of NHWC `x` over `groups` groups of images, on this project's
+    own kernel where `own_norm_applies`, else on oneDNN's primitives.
 
-    `x` (and `add`) float32 or bfloat16, `scale` and `bias` float32; oneDNN computes in float32
-    and writes the output in x's dtype. Returns (y, mean, var): the output, and each group's
-    mean and biased variance as float32 (groups, channels) arrays. With `relu` the output is
-    ReLU'd in the same pass; with `add` (x-shaped) it is relu(batch_norm(x) + add), a residual
-    block's end. The output is differentiable in x, scale, bias and add (oneDNN's backward
-    primitive); the statistics are returned under stop_gradient, for the running averages.
+    `x` (and `add`) float32 or bfloat16, `scale` and `bias` float32; both kernels compute in
+    float32 and write the output in x's dtype. Returns (y, mean, var): the output, and each
+    group's mean and biased variance as float32 (groups, channels) arrays. With `relu` the
+    output is ReLU'd in the same pass; with `add` (x-shaped) it is relu(batch_norm(x) + add), a
+    residual block's end. The output is differentiable in x, scale, bias and add (the kernel's
+    backward); the statistics are returned under stop_gradient, for the running averages.
     """
     y, mean, var = _batch_norm(x, scale, bias, add, groups, epsilon, bool(relu))
     return y, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)

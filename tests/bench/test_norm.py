@@ -16,7 +16,8 @@ def test_shapes_parse_with_the_default_group():
 def test_a_row_marks_autos_pick():
     one_group = norm.bench_shape("4x5x5x8", reps=1)  # 4 images, groups of 32: one group
     assert one_group.startswith("| 4x5x5x8 | 1 |") and "(auto)" in one_group.split("|")[4]
-    assert len(one_group.split("|")) == 9  # and the ReLU's gradient in XLA, and two ratios
+    # and oneDNN's primitives, the ReLU's gradient in XLA, and three ratios
+    assert len(one_group.split("|")) == 11
     two_groups = norm.bench_shape("4x5x5x8:g2", reps=1)
     assert "(auto)" in two_groups.split("|")[3]
 

@@ -358,7 +358,10 @@ def _xla_batch_norm(x, scale, bias, groups, epsilon, relu=False, add=None):
 
 @needs_onednn
 @pytest.mark.parametrize("mode", ["plain", "relu", "add_relu"])
-@pytest.mark.parametrize("shape,groups", [((4, 7, 9, 16), 1), ((6, 5, 5, 8), 3), ((8, 1, 1, 4), 2)])
+@pytest.mark.parametrize(
+    "shape,groups",
+    [((4, 7, 9, 16), 1), ((6, 5, 5, 48), 3), ((6, 5, 5, 8), 3), ((8, 1, 1, 4), 2)],
+)
 def test_batch_norm_matches_the_xla_formulation(shape, groups, mode):
     keys = jax.random.split(jax.random.key(0), 5)
     x = jax.random.normal(keys[0], shape) * 3 + 2  # a mean far from 0: E[x^2]-E[x]^2 is tested
@@ -473,6 +476,104 @@ def test_the_relu_gradient_inside_onednn_is_the_masked_one(shape, groups, dtype,
     assert fused[0].dtype == dtype
     for got, want in zip(fused, masked, strict=True):
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def _norm_targets(compiled):
+    """The batch-norm custom calls in a compiled function's HLO, by kernel."""
+    text = compiled.as_text()
+    own, primitives = onednn._name("own_norm_"), '"' + onednn._name("norm_")
+    return {"own": text.count(own), "onednn": text.count(primitives)}
+
+
+@needs_onednn
+def test_the_own_batch_norm_kernel_takes_channels_in_sixteens(monkeypatch):
+    """Channels a multiple of 16 run on csrc/batch_norm.cc (where the CPU has AVX-512), others on
+    oneDNN's primitives, and RESNEXT_JAX_OWN_NORM=0 keeps oneDNN's, read when tracing."""
+    if not onednn._library.ResnextNormSupported():
+        pytest.skip("no AVX-512 here: the own kernel never runs")
+
+    def targets(channels):
+        x, ones = jnp.ones((4, 3, 3, channels)), jnp.ones(channels)
+        forward = lambda x: onednn.batch_norm(x, ones, ones, 2, 1e-5, relu=True)[0]  # noqa: E731
+        return _norm_targets(jax.jit(jax.grad(lambda x: forward(x).sum())).lower(x).compile())
+
+    assert onednn.own_norm_applies(64) and not onednn.own_norm_applies(24)
+    assert targets(32) == {"own": 2, "onednn": 0}
+    assert targets(24) == {"own": 0, "onednn": 2}
+    monkeypatch.setenv(onednn.OWN_NORM_SWITCH, "0")
+    assert not onednn.own_norm_applies(64)
+    assert targets(32) == {"own": 0, "onednn": 2}
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("mode", ["plain", "relu", "add_relu"])
+def test_the_own_batch_norm_kernel_matches_onednns(mode, dtype, monkeypatch):
+    """The two kernels give the same outputs, statistics and gradients up to their summation
+    order (float32) or one rounding of the output (bfloat16), over three groups of images."""
+    if not onednn._library.ResnextNormSupported():
+        pytest.skip("no AVX-512 here: the own kernel never runs")
+    keys = jax.random.split(jax.random.key(3), 5)
+    shape, groups = (6, 7, 5, 32), 3
+    x = (jax.random.normal(keys[0], shape) * 3 + 2).astype(dtype)
+    scale = jax.random.normal(keys[1], shape[-1:])
+    bias = jax.random.normal(keys[2], shape[-1:])
+    dy = jax.random.normal(keys[3], shape).astype(dtype)
+    add = jax.random.normal(keys[4], shape).astype(dtype) if mode == "add_relu" else None
+
+    def run(switch):
+        monkeypatch.setenv(onednn.OWN_NORM_SWITCH, switch)
+        forward = partial(onednn.batch_norm, groups=groups, epsilon=1e-5, relu=mode != "plain")
+
+        def both(x, scale, bias, add, dy):
+            outs, vjp = jax.vjp(lambda *a: forward(*a[:3], add=a[3]), x, scale, bias, add)
+            return (*outs, *vjp((dy, jnp.zeros_like(outs[1]), jnp.zeros_like(outs[2]))))
+
+        compiled = jax.jit(both).lower(x, scale, bias, add, dy).compile()
+        assert _norm_targets(compiled)["own" if switch == "1" else "onednn"] == 2
+        # With the own kernel the ReLU's gradient never takes a pass of XLA's, after a residual
+        # add either: its backward writes the masked gradient, which is also the addend's.
+        assert ("select" in compiled.as_text()) == (switch == "0" and mode == "add_relu")
+        return compiled(x, scale, bias, add, dy)
+
+    names = ("y", "mean", "var", "dx", "dscale", "dbias", "dadd")
+    for name, got, want in zip(names, run("1"), run("0"), strict=True):
+        if want is None:
+            assert got is None, name
+            continue
+        assert got.dtype == want.dtype, name
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        if dtype == jnp.bfloat16 and mode == "add_relu" and name.startswith("d"):
+            # oneDNN rounds the normalized output to bfloat16 before it adds, so near 0 its ReLU
+            # mask differs from the own kernel's (which rounds once, after the ReLU): the
+            # gradients are compared with float32's in
+            # test_bfloat16_batch_norm_matches_float32_on_the_same_inputs instead.
+            continue
+        if name == "dadd":  # the masked output gradient: exact
+            np.testing.assert_array_equal(got, want)
+            continue
+        rounded = dtype == jnp.bfloat16 and name in ("y", "dx")
+        tol = 2.0**-7 if rounded else 1e-5
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(np.abs(want).max()),
+                                   err_msg=name)  # fmt: skip
+
+
+@needs_onednn
+def test_the_own_batch_norm_kernel_keeps_a_nan_and_checks_its_operands():
+    if not onednn._library.ResnextNormSupported():
+        pytest.skip("no AVX-512 here: the own kernel never runs")
+    x, ones = np.ones((2, 3, 3, 16), np.float32), jnp.ones(16)
+    x[1, 2, 2, 5] = np.nan  # a NaN loss must show: the ReLU passes it on, as jax.nn.relu does
+    y = onednn.batch_norm(jnp.asarray(x), ones, ones, 1, 1e-5, relu=True)[0]
+    assert np.isnan(y[..., 5]).all() and not np.isnan(np.delete(y, 5, axis=-1)).any()
+    stats = jax.ShapeDtypeStruct((1, 8), np.float32)
+    call = jax.ffi.ffi_call(onednn._name("own_norm_forward"),
+                            (jax.ShapeDtypeStruct((2, 3, 3, 8), np.float32), stats, stats,
+                             jax.ShapeDtypeStruct((0,), np.uint8)))  # fmt: skip
+    with pytest.raises(Exception, match="channels must be a multiple of 16"):
+        jax.block_until_ready(call(jnp.ones((2, 3, 3, 8)), jnp.ones(8), jnp.ones(8),
+                                   jnp.zeros((0,)), groups=np.int64(1),
+                                   epsilon=np.float32(1e-5), mode=np.int64(0)))  # fmt: skip
 
 
 @needs_onednn

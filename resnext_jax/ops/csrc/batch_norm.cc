@@ -22,7 +22,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <stdexcept>
 #include <vector>
 
 #include "onednn_common.h"
@@ -231,20 +230,21 @@ ffi::ErrorOr<Problem> MakeProblem(const Data& x, std::initializer_list<const Dat
                                   int64_t groups) {
   const auto d = x.dimensions();
   if (d.size() != 4) return resnext_onednn::Invalid("batch norm: activations must be NHWC");
-  if (groups < 1 || d[0] % groups) return resnext_onednn::Invalid("batch norm: groups must divide n");
-  if (d[3] % kLanes) return resnext_onednn::Invalid("batch norm: channels must be a multiple of 16");
+  if (groups < 1 || d[0] % groups)
+    return resnext_onednn::Invalid("batch norm: groups must divide n");
+  if (d[3] % kLanes)
+    return resnext_onednn::Invalid("batch norm: channels must be a multiple of 16");
   const auto type = x.element_type();
   if (type != ffi::DataType::F32 && type != ffi::DataType::BF16)
     return resnext_onednn::Invalid("batch norm: activations must be float32 or bfloat16");
   for (const Data* o : others) {
     const auto od = o->dimensions();
     if (o->element_type() != type || od.size() != 4 || !std::equal(od.begin(), od.end(), d.begin()))
-      return resnext_onednn::Invalid("batch norm: activations and gradients must share a shape and type");
+      return resnext_onednn::Invalid(
+          "batch norm: activations and gradients must share a shape and type");
   }
   return Problem{groups, d[0] / groups * d[1] * d[2], d[3], type == ffi::DataType::BF16};
 }
-
-bool Sized(int64_t elements, int64_t want) { return elements == want; }
 
 template <typename T>
 void Forward(const Problem& p, const Data& x, const F32& scale, const F32& shift,
@@ -298,12 +298,11 @@ ffi::Error NormForward(Data x, F32 scale, F32 shift, Data addend, DataResult y,
   if (mode != kAddRelu && addend.element_count())
     return ffi::Error::InvalidArgument("batch norm: an addend only in add-and-ReLU mode");
   const int64_t elements = p->groups * p->rows * p->c;
-  if (!Sized(scale.element_count(), p->c) || !Sized(shift.element_count(), p->c))
+  if (scale.element_count() != p->c || shift.element_count() != p->c)
     return ffi::Error::InvalidArgument("batch norm: scale and shift must have c entries");
-  if (!Sized(mean->element_count(), p->groups * p->c) ||
-      !Sized(var->element_count(), p->groups * p->c))
+  if (mean->element_count() != p->groups * p->c || var->element_count() != p->groups * p->c)
     return ffi::Error::InvalidArgument("batch norm: statistics must be (groups, c)");
-  if (!Sized(bits->element_count(), mode == kPlain ? 0 : elements / 8))
+  if (bits->element_count() != (mode == kPlain ? 0 : elements / 8))
     return ffi::Error::InvalidArgument("batch norm: the ReLU's mask has the wrong size");
   auto* mask = reinterpret_cast<uint16_t*>(bits->typed_data());
   return resnext_onednn::Guard("batch norm", [&] {
@@ -368,13 +367,13 @@ ffi::Error NormBackward(Data x, Data dy, F32 scale, F32 stats, ffi::Buffer<ffi::
                                    : MakeProblem(x, {&dy, &(*dx)}, groups);
   if (p.has_error()) return p.error();
   const int64_t elements = p->groups * p->rows * p->c;
-  if (!Sized(scale.element_count(), p->c) || !Sized(dscale->element_count(), p->c) ||
-      !Sized(dshift->element_count(), p->c))
+  if (scale.element_count() != p->c || dscale->element_count() != p->c ||
+      dshift->element_count() != p->c)
     return ffi::Error::InvalidArgument("batch norm: scale and its gradients must have c entries");
   const auto sd = stats.dimensions();
   if (sd.size() != 3 || sd[0] != 2 || sd[1] != p->groups || sd[2] != p->c)
     return ffi::Error::InvalidArgument("batch norm: statistics must be (2, groups, c)");
-  if (bits.element_count() && !Sized(bits.element_count(), elements / 8))
+  if (bits.element_count() && bits.element_count() != elements / 8)
     return ffi::Error::InvalidArgument("batch norm: the ReLU's mask has the wrong size");
   if (masked->element_count() && !bits.element_count())
     return ffi::Error::InvalidArgument("batch norm: a masked gradient needs the ReLU's mask");

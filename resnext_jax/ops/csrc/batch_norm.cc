@@ -6,7 +6,7 @@
 //
 // forward:  1. each channel's sum and sum of squares, shifted by the group's first row
 //              (the mean is E[x], the biased variance E[x^2] - E[x]^2, as BatchNorm's own);
-//           2. y = x * mul + shift, plus the addend, then the ReLU, writing y and, with the
+//           2. y = (x - mean) * mul + bias, plus the addend, then the ReLU, writing y and, with the
 //              ReLU, a bit per element: whether y > 0.
 // backward: 1. each channel's sum of dy and of dy * (x - mean), dy masked by those bits;
 //           2. dx = mul * (dy - mean(dy) - (x - mean) / (var + eps) * mean(dy * (x - mean))),
@@ -176,19 +176,23 @@ AVX512 void GroupSums(const T* x, const T* dy, const uint16_t* bits, const float
   }
 }
 
-// Forward pass 2: y = relu(x * mul + add + add_g) (the ReLU and addend as `mode` says), and the
-// ReLU's bits, over all groups' rows.
+// Forward pass 2: y = relu((x - mean) * mul + bias + addend) (the ReLU and addend as `mode`
+// says; mean and mul per group and channel), and the ReLU's bits, over all groups' rows.
+// Centered, the product never cancels against the bias: XLA's x * mul + (bias - mean * mul)
+// loses digits where the mean is far from 0.
 template <typename T, int kMode>
-AVX512 void Normalize(const T* x, const T* addend, T* y, uint16_t* bits, const float* mul,
-                      const float* add, int64_t groups, int64_t rows, int64_t c) {
+AVX512 void Normalize(const T* x, const T* addend, T* y, uint16_t* bits, const float* mean,
+                      const float* mul, const float* bias, int64_t groups, int64_t rows,
+                      int64_t c) {
   const __m512 zero = _mm512_setzero_ps();
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < groups * rows; ++r) {
     const int64_t g = r / rows, at = r * c;
+    const float* mu = mean + g * c;
     const float* m = mul + g * c;
-    const float* a = add + g * c;
     for (int64_t j = 0; j < c; j += kLanes) {
-      __m512 v = _mm512_fmadd_ps(Load(x + at + j), _mm512_loadu_ps(m + j), _mm512_loadu_ps(a + j));
+      const __m512 centered = _mm512_sub_ps(Load(x + at + j), _mm512_loadu_ps(mu + j));
+      __m512 v = _mm512_fmadd_ps(centered, _mm512_loadu_ps(m + j), _mm512_loadu_ps(bias + j));
       if constexpr (kMode == kAddRelu) v = _mm512_add_ps(v, Load(addend + at + j));
       if constexpr (kMode != kPlain) {
         bits[(at + j) / kLanes] = _mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ);
@@ -252,7 +256,7 @@ void Forward(const Problem& p, const Data& x, const F32& scale, const F32& shift
              float epsilon, int64_t mode) {
   const int64_t groups = p.groups, rows = p.rows, c = p.c;
   const T* xs = static_cast<const T*>(x.untyped_data());
-  std::vector<float> first(groups * c), mul(groups * c), add(groups * c);
+  std::vector<float> first(groups * c), mul(groups * c);
   for (int64_t g = 0; g < groups; ++g) {  // each group's first row: the sums' shift
     const T* row = xs + g * rows * c;
     for (int64_t j = 0; j < c; ++j) first[g * c + j] = ToFloat(row[j]);
@@ -270,21 +274,19 @@ void Forward(const Problem& p, const Data& x, const F32& scale, const F32& shift
       const float v = static_cast<float>(std::max(s2[j] / rows - m * m, 0.0));
       mean[g * c + j] = mu;
       var[g * c + j] = v;
-      // As BatchNorm's jax.numpy formulation: mul = scale * rsqrt(var + eps), then
-      // x * mul + (bias - mean * mul), in float32.
+      // mul = scale * rsqrt(var + eps) in float32, as BatchNorm's jax.numpy formulation.
       const float k = gamma[j] * (1.f / std::sqrt(v + epsilon));
       mul[g * c + j] = k;
-      add[g * c + j] = beta[j] - mu * k;
     }
   }
   const T* a = static_cast<const T*>(addend.untyped_data());
   T* out = static_cast<T*>(y->untyped_data());
   if (mode == kPlain)
-    Normalize<T, kPlain>(xs, a, out, bits, mul.data(), add.data(), groups, rows, c);
+    Normalize<T, kPlain>(xs, a, out, bits, mean, mul.data(), beta, groups, rows, c);
   else if (mode == kRelu)
-    Normalize<T, kRelu>(xs, a, out, bits, mul.data(), add.data(), groups, rows, c);
+    Normalize<T, kRelu>(xs, a, out, bits, mean, mul.data(), beta, groups, rows, c);
   else
-    Normalize<T, kAddRelu>(xs, a, out, bits, mul.data(), add.data(), groups, rows, c);
+    Normalize<T, kAddRelu>(xs, a, out, bits, mean, mul.data(), beta, groups, rows, c);
 }
 
 ffi::Error NormForward(Data x, F32 scale, F32 shift, Data addend, DataResult y,

@@ -6,10 +6,10 @@
 
 A shape is NxHxWxC[:gGROUP] (GROUP images per batch statistic, as model.bn_group_size; 32 by
 default, the whole batch when it holds fewer). Each row times the forward and backward of
-`BatchNorm(relu=True)` with XLA's formulation and with oneDNN's primitives, interleaved in one
-process, in the compute dtype `--dtype` (parameters and statistics float32), and marks the
-one `BatchNorm(impl="auto")` picks ("auto": this project's own kernel where
-`onednn.own_norm_applies`, else oneDNN's primitives). Two more columns time auto's with
+`BatchNorm(relu=True)` with XLA's formulation and with resnext_jax.ops.onednn.batch_norm
+(this project's own kernel where `onednn.own_norm_applies`, else oneDNN's primitives),
+interleaved in one process, in the compute dtype `--dtype` (parameters and statistics
+float32), and marks the one `BatchNorm(impl="auto")` picks. Two more columns time auto's with
 oneDNN's primitives instead of the own kernel (onednn.OWN_NORM_SWITCH=0), and with the ReLU's
 gradient as a separate XLA pass (onednn.RELU_GRAD_SWITCH=0) instead of inside the backward.
 docs/benchmarks.md has the tables behind that rule.

@@ -705,7 +705,7 @@ def own_norm_applies(channels: int) -> bool:
 
 def _norm_forward(x, scale, bias, add, groups, epsilon, relu):
     """(y, mean, var, workspace, own): `own` whether the own kernel ran, `workspace` its ReLU
-    bits (one a element, where a ReLU follows) or oneDNN's workspace."""
+    bits (one bit an element, where a ReLU follows) or oneDNN's workspace."""
     mode = ADD_RELU if add is not None else RELU if relu else PLAIN
     own = own_norm_applies(x.shape[-1])
     if add is None:

@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "onednn_common.h"
@@ -229,25 +230,33 @@ struct Problem {
   bool bf16;
 };
 
-// The per-group problem of activations `x`, checked against `others` (same shape and type).
-ffi::ErrorOr<Problem> MakeProblem(const Data& x, std::initializer_list<const Data*> others,
-                                  int64_t groups) {
-  const auto d = x.dimensions();
-  if (d.size() != 4) return resnext_onednn::Invalid("batch norm: activations must be NHWC");
-  if (groups < 1 || d[0] % groups)
-    return resnext_onednn::Invalid("batch norm: groups must divide n");
-  if (d[3] % kLanes)
-    return resnext_onednn::Invalid("batch norm: channels must be a multiple of 16");
-  const auto type = x.element_type();
-  if (type != ffi::DataType::F32 && type != ffi::DataType::BF16)
-    return resnext_onednn::Invalid("batch norm: activations must be float32 or bfloat16");
-  for (const Data* o : others) {
-    const auto od = o->dimensions();
-    if (o->element_type() != type || od.size() != 4 || !std::equal(od.begin(), od.end(), d.begin()))
-      return resnext_onednn::Invalid(
-          "batch norm: activations and gradients must share a shape and type");
-  }
-  return Problem{groups, d[0] / groups * d[1] * d[2], d[3], type == ffi::DataType::BF16};
+// The per-group problem of the call's activation-typed buffers `data` (the input first),
+// which must share a shape and a type.
+ffi::ErrorOr<Problem> MakeProblem(std::initializer_list<const Data*> data, int64_t groups) {
+  using resnext_onednn::Invalid;
+  const auto d = (*data.begin())->dimensions();
+  if (d.size() != 4) return Invalid("batch norm: activations must be NHWC");
+  if (groups < 1 || d[0] % groups) return Invalid("batch norm: groups must divide n");
+  if (d[3] % kLanes) return Invalid("batch norm: channels must be a multiple of 16");
+  dnnl::memory::data_type type;
+  if (!resnext_onednn::SharedDataType(data, &type))
+    return Invalid("batch norm: activations must be all float32 or all bfloat16");
+  for (const Data* b : data)
+    if (!resnext_onednn::SameShape(b->dimensions(), d))
+      return Invalid("batch norm: activations and gradients must share a shape");
+  return Problem{groups, d[0] / groups * d[1] * d[2], d[3], type == dnnl::memory::data_type::bf16};
+}
+
+// Calls `f` with a null pointer of the element type that runs `p`: float, or bfloat16 rounded by
+// the CPU's instruction where it has one, else in integer arithmetic.
+template <typename F>
+void WithType(const Problem& p, F f) {
+  if (!p.bf16)
+    f(static_cast<float*>(nullptr));
+  else if (__builtin_cpu_supports("avx512bf16"))
+    f(static_cast<Bf16Cpu*>(nullptr));
+  else
+    f(static_cast<Bf16*>(nullptr));
 }
 
 template <typename T>
@@ -294,8 +303,8 @@ ffi::Error NormForward(Data x, F32 scale, F32 shift, Data addend, DataResult y,
                        ffi::ResultBuffer<ffi::U8> bits, int64_t groups, float epsilon,
                        int64_t mode) {
   if (mode < kPlain || mode > kAddRelu) return ffi::Error::InvalidArgument("batch norm: bad mode");
-  auto p = mode == kAddRelu ? MakeProblem(x, {&addend, &(*y)}, groups)
-                            : MakeProblem(x, {&(*y)}, groups);
+  auto p = mode == kAddRelu ? MakeProblem({&x, &addend, &(*y)}, groups)
+                            : MakeProblem({&x, &(*y)}, groups);
   if (p.has_error()) return p.error();
   if (mode != kAddRelu && addend.element_count())
     return ffi::Error::InvalidArgument("batch norm: an addend only in add-and-ReLU mode");
@@ -308,15 +317,11 @@ ffi::Error NormForward(Data x, F32 scale, F32 shift, Data addend, DataResult y,
     return ffi::Error::InvalidArgument("batch norm: the ReLU's mask has the wrong size");
   auto* mask = reinterpret_cast<uint16_t*>(bits->typed_data());
   return resnext_onednn::Guard("batch norm", [&] {
-    if (p->bf16 && __builtin_cpu_supports("avx512bf16"))
-      Forward<Bf16Cpu>(*p, x, scale, shift, addend, y, mean->typed_data(), var->typed_data(),
-                       mask, epsilon, mode);
-    else if (p->bf16)
-      Forward<Bf16>(*p, x, scale, shift, addend, y, mean->typed_data(), var->typed_data(),
-                    mask, epsilon, mode);
-    else
-      Forward<float>(*p, x, scale, shift, addend, y, mean->typed_data(), var->typed_data(),
-                     mask, epsilon, mode);
+    WithType(*p, [&](auto* type) {
+      using T = std::remove_pointer_t<decltype(type)>;
+      Forward<T>(*p, x, scale, shift, addend, y, mean->typed_data(), var->typed_data(), mask,
+                 epsilon, mode);
+    });
   });
 }
 
@@ -331,8 +336,6 @@ void Backward(const Problem& p, const Data& x, const Data& dy, const F32& scale,
   GroupSums(xs, dys, bits, mean, groups, rows, c, sums);
   std::vector<double> sdy(c), sdyx(c);
   std::vector<float> a(groups * c), b(groups * c), k(groups * c);
-  std::fill(dscale, dscale + c, 0.f);
-  std::fill(dshift, dshift + c, 0.f);
   const float* gamma = scale.typed_data();
   std::vector<double> ds(c, 0.0), db(c, 0.0);
   for (int64_t g = 0; g < groups; ++g) {
@@ -365,8 +368,8 @@ ffi::Error NormBackward(Data x, Data dy, F32 scale, F32 stats, ffi::Buffer<ffi::
                         DataResult dx, ffi::ResultBuffer<ffi::F32> dscale,
                         ffi::ResultBuffer<ffi::F32> dshift, DataResult masked, int64_t groups,
                         float epsilon) {
-  auto p = masked->element_count() ? MakeProblem(x, {&dy, &(*dx), &(*masked)}, groups)
-                                   : MakeProblem(x, {&dy, &(*dx)}, groups);
+  auto p = masked->element_count() ? MakeProblem({&x, &dy, &(*dx), &(*masked)}, groups)
+                                   : MakeProblem({&x, &dy, &(*dx)}, groups);
   if (p.has_error()) return p.error();
   const int64_t elements = p->groups * p->rows * p->c;
   if (scale.element_count() != p->c || dscale->element_count() != p->c ||
@@ -385,15 +388,11 @@ ffi::Error NormBackward(Data x, Data dy, F32 scale, F32 stats, ffi::Buffer<ffi::
   const float* var = mean + p->groups * p->c;
   return resnext_onednn::Guard("batch norm", [&] {
     void* out = masked->element_count() ? masked->untyped_data() : nullptr;
-    if (p->bf16 && __builtin_cpu_supports("avx512bf16"))
-      Backward<Bf16Cpu>(*p, x, dy, scale, mean, var, mask, dx, dscale->typed_data(),
-                        dshift->typed_data(), static_cast<Bf16Cpu*>(out), epsilon);
-    else if (p->bf16)
-      Backward<Bf16>(*p, x, dy, scale, mean, var, mask, dx, dscale->typed_data(),
-                     dshift->typed_data(), static_cast<Bf16*>(out), epsilon);
-    else
-      Backward<float>(*p, x, dy, scale, mean, var, mask, dx, dscale->typed_data(),
-                      dshift->typed_data(), static_cast<float*>(out), epsilon);
+    WithType(*p, [&](auto* type) {
+      using T = std::remove_pointer_t<decltype(type)>;
+      Backward<T>(*p, x, dy, scale, mean, var, mask, dx, dscale->typed_data(),
+                  dshift->typed_data(), static_cast<T*>(out), epsilon);
+    });
   });
 }
 

@@ -1,5 +1,5 @@
 // What the oneDNN FFI handlers of this directory share: one CPU engine, the activations'
-// data types, shape errors, a guard that turns exceptions into FFI errors, and per-call
+// data types, shape checks and errors, a guard that turns exceptions into FFI errors, and per-call
 // scratchpads.
 #pragma once
 
@@ -60,6 +60,14 @@ inline bool SharedDataType(std::initializer_list<const Data*> buffers, memory::d
   for (const Data* b : buffers)
     if (b->element_type() != type) return false;
   return DataType(type, out);
+}
+
+// Whether two buffers' dimensions are the same.
+inline bool SameShape(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (a[i] != b[i]) return false;
+  return true;
 }
 
 // `base` advanced by `elements` elements of `type`.

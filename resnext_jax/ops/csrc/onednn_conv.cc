@@ -11,7 +11,6 @@
 // Square kernels are not assumed; padding is symmetric, dilation 1. Activations, kernel and
 // gradients are all float32 or all bfloat16; oneDNN accumulates bfloat16 in float32.
 
-#include <algorithm>
 #include <cstdint>
 #include <tuple>
 #include <unordered_map>
@@ -214,9 +213,7 @@ ffi::Error ForwardAffine(Data x, Data kernel, F32 mul, F32 shift, ffi::Remaining
   if (rest.size() == 1) {
     auto a = rest.get<Data>(0);
     if (a.has_error()) return a.error();
-    const auto ad = a->dimensions(), yd = y->dimensions();
-    if (a->element_type() != x.element_type() ||
-        !std::equal(ad.begin(), ad.end(), yd.begin(), yd.end()))
+    if (a->element_type() != x.element_type() || !SameShape(a->dimensions(), y->dimensions()))
       return ffi::Error::InvalidArgument(
           "onednn conv affine: the tensor to add must be the output's shape and type");
     add = a->untyped_data();

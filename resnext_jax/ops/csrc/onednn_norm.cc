@@ -87,13 +87,6 @@ struct NormPrimitives {
 
 NormPrimitives& GetNorm(const NormProblem& p) { return Cached<NormPrimitives>(p); }
 
-bool SameShape(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
-  if (a.size() != b.size()) return false;
-  for (size_t i = 0; i < a.size(); ++i)
-    if (a[i] != b[i]) return false;
-  return true;
-}
-
 // The per-group problem from the activations (`data`: the call's activation-typed buffers,
 // the input first), checked against the other buffers' shapes.
 ffi::ErrorOr<NormProblem> MakeNormProblem(std::initializer_list<const Data*> data, int64_t groups,

@@ -26,6 +26,10 @@ EXPECTED = (
     and os.environ.get(onednn.SWITCH, "1") != "0"
 )
 needs_onednn = pytest.mark.skipif(not onednn.available(), reason="oneDNN path not built here")
+needs_own_norm = pytest.mark.skipif(
+    not (onednn.available() and onednn._library.ResnextNormSupported()),
+    reason="no AVX-512 here: the own batch-norm kernel never runs",
+)
 
 
 def test_onednn_is_built_where_requirements_install_it():
@@ -485,12 +489,10 @@ def _norm_targets(compiled):
     return {"own": text.count(own), "onednn": text.count(primitives)}
 
 
-@needs_onednn
+@needs_own_norm
 def test_the_own_batch_norm_kernel_takes_channels_in_sixteens(monkeypatch):
     """Channels a multiple of 16 run on csrc/batch_norm.cc (where the CPU has AVX-512), others on
     oneDNN's primitives, and RESNEXT_JAX_OWN_NORM=0 keeps oneDNN's, read when tracing."""
-    if not onednn._library.ResnextNormSupported():
-        pytest.skip("no AVX-512 here: the own kernel never runs")
 
     def targets(channels):
         x, ones = jnp.ones((4, 3, 3, channels)), jnp.ones(channels)
@@ -505,14 +507,12 @@ def test_the_own_batch_norm_kernel_takes_channels_in_sixteens(monkeypatch):
     assert targets(32) == {"own": 0, "onednn": 2}
 
 
-@needs_onednn
+@needs_own_norm
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("mode", ["plain", "relu", "add_relu"])
 def test_the_own_batch_norm_kernel_matches_onednns(mode, dtype, monkeypatch):
     """The two kernels give the same outputs, statistics and gradients up to their summation
     order (float32) or one rounding of the output (bfloat16), over three groups of images."""
-    if not onednn._library.ResnextNormSupported():
-        pytest.skip("no AVX-512 here: the own kernel never runs")
     keys = jax.random.split(jax.random.key(3), 5)
     shape, groups = (6, 7, 5, 32), 3
     x = (jax.random.normal(keys[0], shape) * 3 + 2).astype(dtype)
@@ -558,13 +558,11 @@ def test_the_own_batch_norm_kernel_matches_onednns(mode, dtype, monkeypatch):
                                    err_msg=name)  # fmt: skip
 
 
-@needs_onednn
+@needs_own_norm
 def test_the_own_batch_norm_kernel_is_accurate_far_from_zero():
     """A mean 60 standard deviations from 0, over 8192 rows a channel: the statistics, output
     and input gradient within 1e-6 of a float64 reference (XLA's E[x^2] - E[x]^2 in float32
     is off by about 1e-3 here; the shifted sums and the centered backward avoid that)."""
-    if not onednn._library.ResnextNormSupported():
-        pytest.skip("no AVX-512 here: the own kernel never runs")
     rng = np.random.default_rng(0)
     shape = (8, 32, 32, 32)
     x = (rng.standard_normal(shape) * 0.5 + 30).astype(np.float32)
@@ -585,10 +583,8 @@ def test_the_own_batch_norm_kernel_is_accurate_far_from_zero():
         assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max(), name
 
 
-@needs_onednn
+@needs_own_norm
 def test_the_own_batch_norm_kernel_keeps_a_nan_and_checks_its_operands():
-    if not onednn._library.ResnextNormSupported():
-        pytest.skip("no AVX-512 here: the own kernel never runs")
     x, ones = np.ones((2, 3, 3, 16), np.float32), jnp.ones(16)
     x[1, 2, 2, 5] = np.nan  # a NaN loss must show: the ReLU passes it on, as jax.nn.relu does
     y = onednn.batch_norm(jnp.asarray(x), ones, ones, 1, 1e-5, relu=True)[0]

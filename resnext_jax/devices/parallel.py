@@ -68,11 +68,33 @@ def per_device(fn, mesh, in_specs, out_specs, donate_argnums=()):
     `fn` sees each device's block of the arguments whose spec is `P(DATA_AXIS)` and the whole
     of those whose spec is `P()`; it must reduce over `DATA_AXIS` whatever it returns as `P()`.
     """
+    # Over one device a reduction over DATA_AXIS is the identity, yet XLA CPU keeps a written
+    # one, as a copy of the whole gradient (docs/benchmarks.md, "Several devices"). `pmean`
+    # and `psum` below leave it out there; the values' device variance then goes unchecked,
+    # since no reduction turns per-device values into the replicated ones `P()` promises.
+    single = mesh.size == 1
     return jax.jit(
-        jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs),
+        jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=not single),
         donate_argnums=donate_argnums,
         compiler_options=runtime.compiler_options(),
     )
+
+
+def spans_devices(axis_name) -> bool:
+    """Whether `axis_name` names a mesh axis of more than one device (inside shard_map)."""
+    return bool(axis_name) and jax.lax.axis_size(axis_name) > 1
+
+
+def pmean(tree, axis_name):
+    """`lax.pmean` of `tree` over `axis_name`; `tree` itself where that is no axis or one
+    device (`per_device`)."""
+    return jax.lax.pmean(tree, axis_name) if spans_devices(axis_name) else tree
+
+
+def psum(tree, axis_name):
+    """`lax.psum` of `tree` over `axis_name`; `tree` itself where that is no axis or one
+    device (`per_device`)."""
+    return jax.lax.psum(tree, axis_name) if spans_devices(axis_name) else tree
 
 
 def varying_axes(x) -> frozenset:

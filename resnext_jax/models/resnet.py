@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from resnext_jax.devices import parallel
 from resnext_jax.ops import onednn
 from resnext_jax.ops.activation import relu
 from resnext_jax.ops.conv import Conv, dense_impl, onednn_on_this_backend, uses_onednn
@@ -112,7 +113,7 @@ class BatchNorm(nn.Module):
         mean = jnp.mean(xg, axis=1, keepdims=True)
         mean_square = jnp.mean(jnp.square(xg), axis=1, keepdims=True)
         if across_devices:
-            mean, mean_square = lax.pmean((mean, mean_square), self.axis_name)
+            mean, mean_square = parallel.pmean((mean, mean_square), self.axis_name)
         # One pass over the activations (E[x^2] - E[x]^2), as flax does; clipped at 0.
         var = jnp.maximum(mean_square - jnp.square(mean), 0)
         self._update_averages(ra_mean, ra_var, mean[:, 0], var[:, 0], across_devices)
@@ -131,7 +132,7 @@ class BatchNorm(nn.Module):
             return
         batch_mean, batch_var = jnp.mean(mean, axis=0), jnp.mean(var, axis=0)
         if self.axis_name and not across_devices:
-            batch_mean, batch_var = lax.pmean((batch_mean, batch_var), self.axis_name)
+            batch_mean, batch_var = parallel.pmean((batch_mean, batch_var), self.axis_name)
         m = self.momentum
         ra_mean.value = m * ra_mean.value + (1 - m) * batch_mean
         ra_var.value = m * ra_var.value + (1 - m) * batch_var

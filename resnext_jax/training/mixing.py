@@ -21,6 +21,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from resnext_jax.devices import parallel
+
 
 class Draw(NamedTuple):
     """One step's mixing, the same for every row of the global batch."""
@@ -69,7 +71,7 @@ def partner(x, axis_name=None):
     partners are device D-1-d's rows reversed: one permute between devices, no gather.
     `x` may be a tree of arrays with the same rows.
     """
-    if axis_name is not None:
+    if parallel.spans_devices(axis_name):
         devices = jax.lax.axis_size(axis_name)
         x = jax.lax.ppermute(x, axis_name, [(d, devices - 1 - d) for d in range(devices)])
     return jax.tree.map(lambda a: a[::-1], x)

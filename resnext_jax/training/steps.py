@@ -182,7 +182,7 @@ def train_step(state, batch, options=StepOptions(), axis_name=None):
     mixed first when `options` says so (resnext_jax/training/mixing.py); its top-1 and top-5
     errors are then those of the mixed images against their first labels.
     """
-    over_devices = partial(jax.lax.pmean, axis_name=axis_name) if axis_name else lambda t: t
+    over_devices = partial(parallel.pmean, axis_name=axis_name)
     key = step_key(options.seed, state.step)
     images = batch["image"]
     num_classes = state.params["head"]["bias"].shape[-1]
@@ -207,7 +207,8 @@ def train_step(state, batch, options=StepOptions(), axis_name=None):
         return loss, (logits, updates["batch_stats"])
 
     params = state.params
-    if axis_name:  # per-device gradients, averaged below (not summed implicitly by shard_map)
+    # Per-device gradients, averaged below (not summed implicitly by shard_map).
+    if parallel.spans_devices(axis_name):
         params = jax.tree.map(lambda p: jax.lax.pcast(p, axis_name, to="varying"), params)
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     grads = over_devices(grads)
@@ -262,7 +263,7 @@ def eval_step(variables, batch, apply_fn, axis_name=None, flip=False):
         "top5_correct": jnp.sum(topk_correct(logits, batch["label"], 5) * mask),
         "examples": jnp.sum(mask),
     }
-    return jax.lax.psum(sums, axis_name) if axis_name else sums
+    return parallel.psum(sums, axis_name)
 
 
 def make_eval_step(run: Run):

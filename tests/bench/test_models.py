@@ -308,7 +308,8 @@ def test_an_unknown_impl_is_a_usage_error(capsys):
 @pytest.mark.slow
 def test_devices_split_the_step_and_name_its_collectives(capsys):
     """--devices=1,2 (simulated on CPU) at --batch=8: each device computes the FLOPs of its
-    own 8 images, as one device does, and the step all-reduces, nothing else."""
+    own 8 images, as one device does, and the step all-reduces, nothing else (on one device,
+    nothing at all)."""
     out = _run(capsys, "--models=_tiny_resnext", "--res=16", "--format=json", "--devices=1,2",
                "--batch=8", "--impl=xla_auto", *TINY[1:])  # fmt: skip
     one, two = json.loads(out)
@@ -316,6 +317,7 @@ def test_devices_split_the_step_and_name_its_collectives(capsys):
     assert two["images_per_sec_per_device"] == pytest.approx(two["images_per_sec"] / 2)
     assert two["images_per_sec"] == pytest.approx(16e3 / two["step_time_ms"])
     assert set(two["collectives"]) == {"all-reduce"}
+    assert not one["collectives"]
     assert two["flops_per_device"] == pytest.approx(one["flops_per_device"], rel=0.05)
 
 

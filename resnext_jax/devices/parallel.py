@@ -80,9 +80,14 @@ def per_device(fn, mesh, in_specs, out_specs, donate_argnums=()):
     )
 
 
+def axis_devices(axis_name) -> int:
+    """How many devices the mesh axis `axis_name` spans (inside shard_map); 1 for no axis."""
+    return jax.lax.axis_size(axis_name) if axis_name else 1
+
+
 def spans_devices(axis_name) -> bool:
     """Whether `axis_name` names a mesh axis of more than one device (inside shard_map)."""
-    return bool(axis_name) and jax.lax.axis_size(axis_name) > 1
+    return axis_devices(axis_name) > 1
 
 
 def pmean(tree, axis_name):

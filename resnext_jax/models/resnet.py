@@ -91,7 +91,7 @@ class BatchNorm(nn.Module):
         x32 = x.astype(jnp.float32)
 
         batch = x.shape[0]
-        devices = lax.axis_size(self.axis_name) if self.axis_name else 1
+        devices = parallel.axis_devices(self.axis_name)
         group, across_devices = bn_group(batch, devices, self.group_size)
         if not across_devices and batch % group:
             raise ValueError(
@@ -410,7 +410,7 @@ class ResNet(nn.Module):
         # next to XLA's batch norm, XLA's own dense convs take its scale and ReLU into them.
         dense = dense_impl(self.conv_impl)
         if train:  # the batch statistics' groups (eval-mode batch norm is elementwise)
-            devices = lax.axis_size(self.axis_name) if self.axis_name else 1
+            devices = parallel.axis_devices(self.axis_name)
             group, across = bn_group(x.shape[0], devices, self.bn_group_size)
             native = onednn_dtype(self.dtype)
             pays = onednn_batch_norm_pays(x.shape[0] // group, self.dtype)

@@ -2,12 +2,12 @@
 
 Every compiled step (training, evaluation, the benchmark's) runs as one program per device:
 `jax.shard_map` over the mesh's single axis `data`, each device on its own rows of the global
-batch, the state replicated. The reductions are written out in the step (`lax.pmean` of the
-gradients, BN running statistics and metrics; `lax.psum` of the eval sums), so the compiled
-step moves nothing across devices but those. Plain `jax.jit` with a batch-sharded input
-leaves the split to XLA's SPMD partitioner, which all-gathers the whole batch in front of
-every grouped conv (openxla/xla#47945) and cannot split a custom call (the oneDNN convs) at
-all: every device would compute every image's grouped convs.
+batch, the state replicated. The reductions are written out in the step (`pmean` of the
+gradients, BN statistics and metrics; `psum` of the eval sums; both below, and left out over
+one device), so the compiled step moves nothing across devices but those. Plain `jax.jit`
+with a batch-sharded input leaves the split to XLA's SPMD partitioner, which all-gathers the
+whole batch in front of every grouped conv (openxla/xla#47945) and cannot split a custom call
+(the oneDNN convs) at all: every device would compute every image's grouped convs.
 
 `collectives` and `flops` read a compiled step, for the tests and the benchmark that check
 the above. `process_sum` adds up a host-side count over processes. `initialize` joins a

@@ -71,8 +71,8 @@ def partner(x, axis_name=None):
     partners are device D-1-d's rows reversed: one permute between devices, no gather.
     `x` may be a tree of arrays with the same rows.
     """
-    if parallel.spans_devices(axis_name):
-        devices = jax.lax.axis_size(axis_name)
+    devices = parallel.axis_devices(axis_name)
+    if devices > 1:
         x = jax.lax.ppermute(x, axis_name, [(d, devices - 1 - d) for d in range(devices)])
     return jax.tree.map(lambda a: a[::-1], x)
 
